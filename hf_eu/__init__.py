@@ -1,0 +1,30 @@
+"""hf_eu: per-token epistemic uncertainty for HuggingFace causal LMs from drafts and a distilled proxy.
+
+Swap `AutoModelForCausalLM` for `UncertaintyAwareModelForCausalLM`, attach drafts (and a proxy), and
+`generate(..., return_dict_in_generate=True)` returns `epistemic_uncertainty` per generated token.
+"""
+
+from ._version import __version__
+from .aggregation import aggregate_uncertainty
+from .configuration import UncertaintyAwareConfig
+from .estimators import Estimator, EstimatorOutput, get_estimator, list_estimators, register_estimator
+from .modeling import UncertaintyAwareModelForCausalLM, generated_token_mask
+from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
+from .scoring import score_tokens
+
+__all__ = [
+    "__version__",
+    "UncertaintyAwareModelForCausalLM",
+    "UncertaintyAwareConfig",
+    "UncertaintyOutput",
+    "UncertaintyGenerateOutput",
+    "UncertaintyGenerateBeamOutput",
+    "aggregate_uncertainty",
+    "generated_token_mask",
+    "score_tokens",
+    "Estimator",
+    "EstimatorOutput",
+    "get_estimator",
+    "list_estimators",
+    "register_estimator",
+]

@@ -1,0 +1,108 @@
+"""The composite's configuration: which target, how many drafts, whether a proxy, which estimator.
+
+`UncertaintyAwareConfig` is a `PretrainedConfig` with `model_type = "hf_eu"`, saved as the
+composite folder's `config.json`. It records the target's id and revision (never its weights), the
+drafts' and proxy's storage, the estimator name, the scoring chunk size and the hf_eu version that
+wrote it. `load_composite_config` reads it defensively: a config written by a newer major version is
+refused, unknown keys are kept with a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any
+
+from transformers import PretrainedConfig
+
+from ._version import __version__
+
+__all__ = ["UncertaintyAwareConfig", "load_composite_config", "CONFIG_NAME"]
+
+CONFIG_NAME = "config.json"
+
+
+class UncertaintyAwareConfig(PretrainedConfig):
+    """Configuration of an `UncertaintyAwareModelForCausalLM` composite.
+
+    Args:
+        target_name_or_path (`str`, *optional*): hub id or folder of the target model.
+        target_revision (`str`, *optional*): the target's revision (branch, tag or commit).
+        num_drafts (`int`): number of draft models K (≥ 1).
+        has_proxy (`bool`): whether a proxy is stored; without one the bias uses the target.
+        estimator (`str`): name of the registered estimator `generate` uses (default `"hf_eu"`).
+        chunk_size (`int`, *optional*): positions scored per chunk; None picks it from a memory budget.
+        vocab_size (`int`, *optional*): size of the shared output vocabulary.
+        training (`dict`, *optional*): free-form record of how drafts and proxy were trained
+            (partition scheme, losses, noise settings, evaluation numbers); rendered in the model card.
+        hf_eu_version (`str`): version of hf_eu that wrote the config.
+    """
+
+    model_type = "hf_eu"
+
+    def __init__(
+        self,
+        target_name_or_path: str | None = None,
+        target_revision: str | None = None,
+        num_drafts: int = 1,
+        has_proxy: bool = False,
+        estimator: str = "hf_eu",
+        chunk_size: int | None = None,
+        vocab_size: int | None = None,
+        training: dict[str, Any] | None = None,
+        hf_eu_version: str = __version__,
+        **kwargs,
+    ):
+        if not isinstance(num_drafts, int) or num_drafts < 1:
+            raise ValueError(f"`num_drafts` must be an integer ≥ 1, got {num_drafts!r}: pass at least one draft model.")
+        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+            raise ValueError(f"`chunk_size` must be None or an integer ≥ 1, got {chunk_size!r}.")
+        self.target_name_or_path = target_name_or_path
+        self.target_revision = target_revision
+        self.num_drafts = num_drafts
+        self.has_proxy = has_proxy
+        self.estimator = estimator
+        self.chunk_size = chunk_size
+        self.vocab_size = vocab_size
+        self.training = training or {}
+        self.hf_eu_version = hf_eu_version
+        super().__init__(**kwargs)
+
+
+def _major(version: str) -> int:
+    try:
+        return int(str(version).split(".")[0])
+    except ValueError as error:
+        raise ValueError(f"`hf_eu_version` {version!r} in the composite config is not a version string.") from error
+
+
+def load_composite_config(folder: str | os.PathLike) -> UncertaintyAwareConfig:
+    """Read `folder/config.json` as an `UncertaintyAwareConfig`, checking version and keys.
+
+    Raises:
+        ValueError: the file is missing, is not JSON, is not an hf_eu config, or was written by a
+            newer major version of hf_eu.
+    """
+    path = os.path.join(folder, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise ValueError(f"No {CONFIG_NAME} in {folder!r}: this is not a saved hf_eu composite. "
+                         "Save one with `UncertaintyAwareModelForCausalLM.save_pretrained(folder)`.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = json.load(handle)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} is corrupt (not valid JSON: {error}); re-save the composite.") from error
+    if not isinstance(raw, dict) or raw.get("model_type") != UncertaintyAwareConfig.model_type:
+        kind = raw.get("model_type") if isinstance(raw, dict) else type(raw).__name__
+        raise ValueError(f"{path} describes model_type {kind!r}, not an hf_eu composite ('hf_eu').")
+    version = raw.get("hf_eu_version", "0")
+    if _major(version) > _major(__version__):
+        raise ValueError(f"{path} was written by hf_eu {version}, newer than the installed {__version__}; "
+                         "upgrade hf_eu (`pip install -U hf_eu`) to load it.")
+    known = set(UncertaintyAwareConfig().to_dict())
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        warnings.warn(f"Keys {unknown} in {path} are unknown to hf_eu {__version__} (written by hf_eu {version}); "
+                      "they are kept but ignored. Upgrade hf_eu if they matter.", UserWarning, stacklevel=3)
+    return UncertaintyAwareConfig(**raw)

@@ -1,0 +1,370 @@
+"""`UncertaintyAwareModelForCausalLM`: a target causal LM plus drafts and a proxy that score its tokens.
+
+The wrapper never decodes by itself: `generate` hands every argument to the target's own `generate`
+(optionally with a draft as transformers' `assistant_model`), so `sequences` are exactly the target's.
+With `return_dict_in_generate=True` it then runs one chunked, teacher-forced pass of the drafts and
+proxy over the generated sequences (`scoring.score_tokens`) and returns the per-token epistemic
+uncertainty beside transformers' usual fields. `estimate_uncertainty` does the same for given text.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from huggingface_hub import HfApi
+from torch import nn
+from transformers.generation import GenerateBeamDecoderOnlyOutput
+from transformers.utils import logging
+
+from ._version import __version__
+from .configuration import UncertaintyAwareConfig
+from .estimators import get_estimator
+from .loading import (
+    check_same_tokenizer,
+    check_same_vocabulary,
+    is_composite,
+    load_causal_lm,
+    load_local_tokenizer,
+)
+from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
+from .scoring import score_tokens
+from .serialization import load_composite_parts, save_composite
+
+__all__ = ["UncertaintyAwareModelForCausalLM"]
+
+logger = logging.get_logger(__name__)
+
+
+class UncertaintyAwareModelForCausalLM(nn.Module):
+    """A target causal LM whose `generate` also returns per-token epistemic uncertainty.
+
+    Build one with `from_pretrained`. Attributes: `target` (the wrapped model, used as is), `drafts`
+    (`nn.ModuleList` of K ≥ 1 draft models sharing the target's vocabulary), `proxy` (the OSD proxy or
+    None) and `config` (`UncertaintyAwareConfig`). Calling the wrapper runs the target's forward.
+    """
+
+    config_class = UncertaintyAwareConfig
+
+    def __init__(
+        self,
+        target: nn.Module,
+        drafts: Sequence[nn.Module],
+        proxy: nn.Module | None = None,
+        config: UncertaintyAwareConfig | None = None,
+    ):
+        super().__init__()
+        if isinstance(drafts, nn.Module) or not isinstance(drafts, Sequence):
+            raise TypeError(f"`drafts` must be a list of models, got {type(drafts).__name__}; wrap it as [draft].")
+        if len(drafts) < 1:
+            raise ValueError("`drafts` is empty: hf_eu needs at least one draft model (3 or more recommended).")
+        if any(draft is target for draft in drafts) or proxy is target:
+            raise ValueError("A draft or the proxy is the target object itself; pass separate (smaller) models.")
+        parts = {f"draft {k}": draft for k, draft in enumerate(drafts)}
+        if proxy is not None:
+            parts["proxy"] = proxy
+        vocab_size = check_same_vocabulary(target, parts)
+        self.target = target
+        self.drafts = nn.ModuleList(drafts)
+        self.proxy = proxy
+        self.config = config or UncertaintyAwareConfig(
+            target_name_or_path=_name_of(target),
+            num_drafts=len(drafts),
+            has_proxy=proxy is not None,
+        )
+        self.config.num_drafts = len(drafts)
+        self.config.has_proxy = proxy is not None
+        self.config.vocab_size = vocab_size
+        get_estimator(self.config.estimator)  # unknown names fail now, not at the first generate
+        for part in parts.values():
+            part.eval()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: Any,
+        *,
+        drafts: Sequence[Any] | None = None,
+        proxy: Any = None,
+        target: Any = None,
+        estimator: str | None = None,
+        chunk_size: int | None = None,
+        **target_kwargs,
+    ) -> UncertaintyAwareModelForCausalLM:
+        """Load a composite.
+
+        Args:
+            pretrained_model_name_or_path: the target (hub id, local folder or loaded `PreTrainedModel`),
+                or a saved composite (folder or hub id) whose drafts and proxy are then loaded.
+            drafts: the draft models (each a hub id, folder or loaded model); required unless loading a
+                saved composite.
+            proxy: the OSD proxy (same kinds) or None, in which case the bias uses the target.
+            target: with a saved composite, the target to use instead of the recorded id (id, folder or model).
+            estimator: registered estimator name to compute (default: the config's, `"hf_eu"`).
+            chunk_size: positions scored per chunk (default: derived from a 128 MiB budget).
+            **target_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the target (`dtype`,
+                `device_map`, `quantization_config`, `revision`, …).
+        """
+        revision = target_kwargs.get("revision")
+        if is_composite(pretrained_model_name_or_path, revision=revision):
+            if drafts is not None or proxy is not None:
+                raise ValueError(
+                    f"{pretrained_model_name_or_path!r} is a saved composite that brings its own drafts and proxy; "
+                    "do not pass `drafts=`/`proxy=` with it (use `target=` to replace the target)."
+                )
+            return cls._from_composite(pretrained_model_name_or_path, target, estimator, chunk_size, target_kwargs)
+        if target is not None:
+            raise ValueError("`target=` is only for loading a saved composite; pass the target as the first argument.")
+        if drafts is None:
+            raise ValueError(
+                f"{pretrained_model_name_or_path!r} is not a saved hf_eu composite, so `drafts=[...]` is required: "
+                "pass at least one draft model (hub id, folder or loaded model)."
+            )
+        target_model = load_causal_lm(pretrained_model_name_or_path, role="target", **target_kwargs)
+        draft_models, proxy_model = _load_parts(target_model, drafts, proxy)
+        _check_tokenizers(pretrained_model_name_or_path, drafts, proxy)
+        config = UncertaintyAwareConfig(
+            target_name_or_path=_name_of(pretrained_model_name_or_path),
+            target_revision=revision,
+            num_drafts=len(draft_models),
+            has_proxy=proxy_model is not None,
+            estimator=estimator or "hf_eu",
+            chunk_size=chunk_size,
+        )
+        return cls(target_model, draft_models, proxy_model, config=config)
+
+    @classmethod
+    def _from_composite(cls, reference, target, estimator, chunk_size, target_kwargs):
+        folder = _composite_folder(reference, target_kwargs.pop("revision", None))  # the composite's revision
+        config, draft_models, proxy_model = load_composite_parts(folder)
+        if target is None:
+            if not config.target_name_or_path:
+                raise ValueError(f"The composite in {folder!r} records no target; pass `target=` (id, folder or model).")
+            target = config.target_name_or_path
+            if config.target_revision:
+                target_kwargs["revision"] = config.target_revision
+        else:
+            config.target_name_or_path = _name_of(target)
+            config.target_revision = None
+        target_model = load_causal_lm(target, role="target", **target_kwargs)
+        device = _device_of(target_model)
+        draft_models = [draft.to(device) for draft in draft_models]
+        proxy_model = proxy_model.to(device) if proxy_model is not None else None
+        if estimator is not None:
+            config.estimator = estimator
+        if chunk_size is not None:
+            config.chunk_size = chunk_size
+        return cls(target_model, draft_models, proxy_model, config=config)
+
+    # ---------------------------------------------------------------- inference
+    @property
+    def device(self) -> torch.device:
+        return _device_of(self.target)
+
+    @property
+    def generation_config(self):
+        return self.target.generation_config
+
+    def forward(self, *args, **kwargs):
+        """The target's forward, unchanged."""
+        return self.target(*args, **kwargs)
+
+    def generate(self, inputs: torch.Tensor | None = None, *, assistant_draft: int | None = None,
+                 estimator: str | None = None, **kwargs):
+        """The target's `generate`, plus per-token uncertainty when `return_dict_in_generate=True`.
+
+        Args:
+            inputs, **kwargs: exactly as for the target's `generate` (input_ids, attention_mask,
+                generation_config, max_new_tokens, do_sample, …).
+            assistant_draft: index of a draft to use as `assistant_model` (speculative decoding). Only
+                at batch size 1, as transformers requires; larger batches decode without it (warned once).
+            estimator: registered estimator to compute instead of the config's.
+
+        Returns:
+            Without `return_dict_in_generate`: the token tensor the target returns. With it:
+            `UncertaintyGenerateOutput` (or `UncertaintyGenerateBeamOutput` for beam search) holding the
+            target's fields plus `epistemic_uncertainty`, `eu_variance`, `eu_bias`, `uncertainty_mask`.
+        """
+        chosen = get_estimator(estimator or self.config.estimator)
+        generation_config = kwargs.get("generation_config") or self.target.generation_config
+        return_dict = kwargs.get("return_dict_in_generate", generation_config.return_dict_in_generate)
+        if kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None)) == 0:
+            raise ValueError("`max_new_tokens=0` generates no token, so there is no uncertainty to compute; "
+                             "ask for at least one new token.")
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if return_dict and input_ids is None:
+            raise ValueError("Uncertainty needs the prompt's token ids: pass `input_ids` (not only `inputs_embeds`), "
+                             "or leave `return_dict_in_generate` unset to get the tokens alone.")
+        if assistant_draft is not None:
+            self._attach_assistant(kwargs, assistant_draft, input_ids)
+        output = self.target.generate(inputs, **kwargs)
+        if not return_dict:
+            return output
+        prompt_length = input_ids.shape[1]
+        sequences = output.sequences
+        if sequences.shape[1] <= prompt_length:
+            raise ValueError(f"generate returned no new tokens (sequence length {sequences.shape[1]} ≤ prompt length "
+                             f"{prompt_length}); raise `max_new_tokens` or `max_length` to get uncertainty.")
+        scores = self._score_generated(chosen, sequences, prompt_length, kwargs.get("attention_mask"),
+                                       input_ids.shape[0], kwargs.get("eos_token_id", generation_config.eos_token_id),
+                                       kwargs.get("pad_token_id", generation_config.pad_token_id))
+        output_class = (UncertaintyGenerateBeamOutput if isinstance(output, GenerateBeamDecoderOnlyOutput)
+                        else UncertaintyGenerateOutput)
+        return output_class(**dict(output), **dict(scores))
+
+    def _attach_assistant(self, kwargs: dict, assistant_draft: int, input_ids: torch.Tensor | None) -> None:
+        if not isinstance(assistant_draft, int) or not 0 <= assistant_draft < len(self.drafts):
+            raise ValueError(f"`assistant_draft` must be a draft index in [0, {len(self.drafts) - 1}], "
+                             f"got {assistant_draft!r}.")
+        if kwargs.get("assistant_model") is not None:
+            raise ValueError("Pass either `assistant_draft` or `assistant_model`, not both.")
+        batch_size = input_ids.shape[0] if input_ids is not None else 1
+        if batch_size > 1:
+            logger.warning_once(f"Assisted generation supports batch size 1 only; decoding this batch of {batch_size} "
+                                "without the assistant draft. Uncertainty is computed the same way.")
+            return
+        kwargs["assistant_model"] = self.drafts[assistant_draft]
+
+    def _score_generated(self, estimator, sequences, prompt_length, attention_mask, batch_size, eos_token_id,
+                         pad_token_id) -> UncertaintyOutput:
+        rows = sequences.shape[0]
+        prompt_mask = attention_mask if attention_mask is not None else torch.ones(batch_size, prompt_length)
+        prompt_mask = prompt_mask.to(sequences.device).long().repeat_interleave(rows // batch_size, dim=0)  # (R, P)
+        new_tokens = sequences[:, prompt_length:]  # (R, T)
+        full_mask = torch.cat([prompt_mask, torch.ones_like(new_tokens)], dim=1)  # (R, P + T)
+        return score_tokens(
+            estimator, sequences, prompt_length,
+            drafts=self.drafts, proxy=self.proxy, target=self.target, attention_mask=full_mask,
+            uncertainty_mask=generated_token_mask(new_tokens, eos_token_id, pad_token_id),
+            chunk_size=self.config.chunk_size,
+        )
+
+    def estimate_uncertainty(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        prompt_length: int = 1,
+        *,
+        estimator: str | None = None,
+        chunk_size: int | None = None,
+    ) -> UncertaintyOutput:
+        """Per-token uncertainty of existing text by teacher forcing (no generation).
+
+        Args:
+            input_ids: `(batch_size, seq_len)` prompt + answer, the prompt left-padded to a common width as
+                `generate` produces it.
+            attention_mask: `(batch_size, seq_len)`, 0 on padding (left or right); None means none.
+            prompt_length: leading columns not scored (≥ 1); the rest are scored as "new tokens".
+            estimator: registered estimator to compute instead of the config's.
+            chunk_size: positions per chunk (default: the config's, else from a memory budget).
+
+        Returns:
+            `UncertaintyOutput` with fields of shape `(batch_size, seq_len - prompt_length)`; the mask is
+            `attention_mask[:, prompt_length:]`.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
+        return score_tokens(
+            get_estimator(estimator or self.config.estimator), input_ids, prompt_length,
+            drafts=self.drafts, proxy=self.proxy, target=self.target, attention_mask=attention_mask,
+            chunk_size=chunk_size or self.config.chunk_size,
+        )
+
+    # ------------------------------------------------------------------- saving
+    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None) -> None:
+        """Write config, drafts, proxy (safetensors) and model card to `save_directory`, atomically.
+
+        The target's weights are not written: the config records its id and revision.
+        """
+        self.config.hf_eu_version = __version__
+        save_composite(save_directory, self.config, list(self.drafts), self.proxy, repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
+                    revision: str | None = None, commit_message: str = "Upload hf_eu composite") -> str:
+        """Save the composite to a temporary folder and upload it to `repo_id` with huggingface_hub.
+
+        Returns the URL of the commit.
+        """
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = os.path.join(tmp, "composite")
+            self.save_pretrained(folder, repo_id=repo_id)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
+                                       commit_message=commit_message, repo_type="model")
+        return getattr(commit, "commit_url", str(commit))
+
+
+def generated_token_mask(new_tokens: torch.Tensor, eos_token_id: Any, pad_token_id: Any = None) -> torch.Tensor:
+    """Bool mask `(batch, new_tokens)`: True up to and including the first EOS of each row.
+
+    Tokens after the first EOS are the padding generate appends to finished rows. When the pad token
+    is not an EOS token, a trailing run of pad tokens (rows stopped by other stopping criteria) is
+    also masked out.
+    """
+    eos_ids = _as_id_tensor(eos_token_id, new_tokens.device)
+    valid = torch.ones_like(new_tokens, dtype=torch.bool)
+    if eos_ids.numel():
+        is_eos = torch.isin(new_tokens, eos_ids).long()  # (B, T)
+        valid = (is_eos.cumsum(-1) - is_eos) == 0
+    pad_ids = _as_id_tensor(pad_token_id, new_tokens.device)
+    if pad_ids.numel() and not torch.isin(pad_ids, eos_ids).all():
+        is_pad = torch.isin(new_tokens, pad_ids)
+        trailing_pad = is_pad.flip(-1).long().cumprod(-1).flip(-1).bool()  # (B, T): pad from here to the end
+        valid &= ~trailing_pad
+    return valid
+
+
+def _as_id_tensor(token_id: Any, device: torch.device) -> torch.Tensor:
+    if token_id is None:
+        return torch.empty(0, dtype=torch.long, device=device)
+    return torch.as_tensor(token_id, dtype=torch.long, device=device).flatten()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+def _name_of(reference: Any) -> str | None:
+    """The id or folder a model was given as, or the one it was loaded from."""
+    if isinstance(reference, (str, os.PathLike)):
+        return os.fspath(reference)
+    return getattr(getattr(reference, "config", None), "_name_or_path", None) or None
+
+
+def _load_parts(target: nn.Module, drafts: Sequence[Any], proxy: Any) -> tuple[list[nn.Module], nn.Module | None]:
+    if isinstance(drafts, (str, os.PathLike, nn.Module)) or not isinstance(drafts, Sequence):
+        raise TypeError(f"`drafts` must be a list, got {type(drafts).__name__}; wrap a single draft as [draft].")
+    if len(drafts) < 1:
+        raise ValueError("`drafts` is empty: hf_eu needs at least one draft model (3 or more recommended).")
+    device = _device_of(target)
+    kwargs = {"dtype": getattr(target, "dtype", None)}
+    draft_models = [load_causal_lm(d, role=f"draft {k}", **kwargs).to(device) for k, d in enumerate(drafts)]
+    proxy_model = load_causal_lm(proxy, role="proxy", **kwargs).to(device) if proxy is not None else None
+    return draft_models, proxy_model
+
+
+def _check_tokenizers(target: Any, drafts: Sequence[Any], proxy: Any) -> None:
+    """Compare tokenizers stored beside the models in local folders (skipped where none is available)."""
+    target_tokenizer = load_local_tokenizer(target)
+    if target_tokenizer is None:
+        return
+    others = {f"draft {k}": load_local_tokenizer(d) for k, d in enumerate(drafts)}
+    if proxy is not None:
+        others["proxy"] = load_local_tokenizer(proxy)
+    check_same_tokenizer(target_tokenizer, others)
+
+
+def _composite_folder(reference: Any, revision: str | None) -> str:
+    if os.path.isdir(reference):
+        return os.fspath(reference)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=str(reference), revision=revision)
