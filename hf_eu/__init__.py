@@ -7,10 +7,12 @@ Swap `AutoModelForCausalLM` for `UncertaintyAwareModelForCausalLM`, attach draft
 from ._version import __version__
 from .aggregation import aggregate_uncertainty
 from .configuration import UncertaintyAwareConfig
+from .defaults import load_default
 from .estimators import Estimator, EstimatorOutput, get_estimator, list_estimators, register_estimator
 from .modeling import UncertaintyAwareModelForCausalLM, generated_token_mask
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
 from .scoring import score_tokens
+from .truncation import truncated_copy
 
 __all__ = [
     "__version__",
@@ -22,6 +24,8 @@ __all__ = [
     "aggregate_uncertainty",
     "generated_token_mask",
     "score_tokens",
+    "load_default",
+    "truncated_copy",
     "Estimator",
     "EstimatorOutput",
     "get_estimator",
