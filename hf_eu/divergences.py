@@ -18,11 +18,28 @@ import torch
 __all__ = ["entropy", "kl", "mixture_logps", "jsd"]
 
 
-def _p_log_ratio(p_logps: torch.Tensor, q_logps: torch.Tensor) -> torch.Tensor:
-    """Elementwise p · (log p − log q), with 0 where p = 0 (so −inf − −inf never turns into NaN)."""
+# Where a log-probability is −inf, p · log p is 0 · (−inf) = NaN in floating point. Such sums are
+# recomputed with log-probabilities clamped at this floor: every positive float32/float64 probability
+# has log ≥ −745, so the floor changes no term with p > 0 and turns 0 · log 0 into 0 (the convention).
+# A KL(p ‖ q) with q = 0 where p > 0 is thereby capped at p · 1e4 instead of +inf.
+_LOG_FLOOR = -1.0e4
+
+
+def _floored(logps: torch.Tensor) -> torch.Tensor:
+    return logps.clamp_min(_LOG_FLOOR)
+
+
+def _expected_log_ratio(p_logps: torch.Tensor, q_logps: torch.Tensor) -> torch.Tensor:
+    """Σ_v p(v) (log p(v) − log q(v)) over the last dimension, with 0 · log 0 = 0.
+
+    The fast path reads each input once; only when it yields NaN (a −inf log-prob) is the sum
+    recomputed on floored log-probabilities.
+    """
     p_probs = p_logps.exp()
-    terms = p_probs * (p_logps - q_logps)
-    return torch.where(p_probs > 0, terms, torch.zeros_like(terms))
+    result = torch.linalg.vecdot(p_probs, p_logps - q_logps)
+    if torch.isnan(result).any():
+        result = torch.linalg.vecdot(p_probs, _floored(p_logps) - _floored(q_logps))
+    return result
 
 
 def entropy(logps: torch.Tensor) -> torch.Tensor:
@@ -34,9 +51,7 @@ def entropy(logps: torch.Tensor) -> torch.Tensor:
     Returns:
         Tensor of shape `(...)`, in nats, ≥ 0.
     """
-    probs = logps.exp()
-    terms = probs * logps
-    return -torch.where(probs > 0, terms, torch.zeros_like(terms)).sum(-1)
+    return (-_expected_log_ratio(logps, torch.zeros_like(logps[..., :1]))).clamp_min(0.0)
 
 
 def kl(p_logps: torch.Tensor, q_logps: torch.Tensor) -> torch.Tensor:
@@ -51,13 +66,14 @@ def kl(p_logps: torch.Tensor, q_logps: torch.Tensor) -> torch.Tensor:
     Returns:
         Tensor of shape `(...)`, in nats, ≥ 0 (clamped at 0 against rounding).
     """
-    return _p_log_ratio(p_logps, q_logps).sum(-1).clamp_min(0.0)
+    return _expected_log_ratio(p_logps, q_logps).clamp_min(0.0)
 
 
 def mixture_logps(member_logps: torch.Tensor, dim: int = 0) -> torch.Tensor:
     """Log-probabilities of the uniform mixture q̄ = (1/K) Σ_k q_k of K members along `dim`.
 
-    log q̄ = logsumexp_k(log q_k) − log K.
+    log q̄ = log((1/K) Σ_k exp(log q_k)). Where every member's probability underflows to 0 the result
+    is −inf, i.e. probability 0, which no divergence here can tell from the true tiny value.
 
     Args:
         member_logps: log-probabilities with the K members along `dim`, e.g. `(K, N, vocab_size)`.
@@ -66,11 +82,10 @@ def mixture_logps(member_logps: torch.Tensor, dim: int = 0) -> torch.Tensor:
     Returns:
         Tensor with `dim` removed, e.g. `(N, vocab_size)`.
     """
-    num_members = member_logps.shape[dim]
-    return torch.logsumexp(member_logps, dim=dim) - math.log(num_members)
+    return member_logps.exp().mean(dim).log()
 
 
-def jsd(member_logps: torch.Tensor, dim: int = 0) -> torch.Tensor:
+def jsd(member_logps: torch.Tensor, dim: int = 0, mixture: torch.Tensor | None = None) -> torch.Tensor:
     """K-way Jensen-Shannon divergence JSD = (1/K) Σ_k KL(q_k ‖ q̄) = H(q̄) − (1/K) Σ_k H(q_k).
 
     q̄ is the uniform mixture of the K members. This equals the mutual information between the
@@ -80,6 +95,7 @@ def jsd(member_logps: torch.Tensor, dim: int = 0) -> torch.Tensor:
     Args:
         member_logps: log-probabilities with the K members along `dim`, e.g. `(K, N, vocab_size)`.
         dim: the member dimension.
+        mixture: `mixture_logps(member_logps, dim)` if already computed (saves one pass).
 
     Returns:
         Tensor with `dim` and the vocabulary removed, e.g. `(N,)`, in nats, ≥ 0.
@@ -87,5 +103,6 @@ def jsd(member_logps: torch.Tensor, dim: int = 0) -> torch.Tensor:
     dim = dim % member_logps.dim()
     if dim == member_logps.dim() - 1:
         raise ValueError("`dim` must not be the vocabulary (last) dimension; put the K members on another axis.")
-    mix_logps = mixture_logps(member_logps, dim=dim).unsqueeze(dim)  # (1, N, V) for dim=0
-    return _p_log_ratio(member_logps, mix_logps).sum(-1).mean(dim).clamp_min(0.0)
+    if mixture is None:
+        mixture = mixture_logps(member_logps, dim=dim)
+    return kl(member_logps, mixture.unsqueeze(dim)).mean(dim)  # (K, N) -> (N,)

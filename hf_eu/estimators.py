@@ -119,8 +119,9 @@ def list_estimators() -> list[str]:
 
 
 def _variance_plus_bias(draft_logps: torch.Tensor, reference_logps: torch.Tensor) -> EstimatorOutput:
-    variance = jsd(draft_logps, dim=0)  # (N,)
-    bias = kl(mixture_logps(draft_logps, dim=0), reference_logps)  # (N,)
+    mixture = mixture_logps(draft_logps, dim=0)  # (N, V)
+    variance = jsd(draft_logps, dim=0, mixture=mixture)  # (N,)
+    bias = kl(mixture, reference_logps)  # (N,)
     return EstimatorOutput(score=variance + bias, variance=variance, bias=bias)
 
 
