@@ -21,7 +21,7 @@ from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.utils import logging
 
 from ._version import __version__
-from .configuration import UncertaintyAwareConfig
+from .configuration import UncertaintyAwareConfig, load_composite_config
 from .estimators import get_estimator
 from .loading import (
     check_same_tokenizer,
@@ -140,17 +140,18 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
     @classmethod
     def _from_composite(cls, reference, target, estimator, chunk_size, target_kwargs):
         folder = _composite_folder(reference, target_kwargs.pop("revision", None))  # the composite's revision
-        config, draft_models, proxy_model = load_composite_parts(folder)
+        config = load_composite_config(folder)
         if target is None:
             if not config.target_name_or_path:
                 raise ValueError(f"The composite in {folder!r} records no target; pass `target=` (id, folder or model).")
             target = config.target_name_or_path
             if config.target_revision:
                 target_kwargs["revision"] = config.target_revision
-        else:
+        target_model = load_causal_lm(target, role="target", **target_kwargs)
+        config, draft_models, proxy_model = load_composite_parts(folder, target=target_model, config=config)
+        if not isinstance(target, (str, os.PathLike)) or target != config.target_name_or_path:
             config.target_name_or_path = _name_of(target)
             config.target_revision = None
-        target_model = load_causal_lm(target, role="target", **target_kwargs)
         device = _device_of(target_model)
         draft_models = [draft.to(device) for draft in draft_models]
         proxy_model = proxy_model.to(device) if proxy_model is not None else None

@@ -9,6 +9,10 @@ Layout of a saved composite (the target's weights are never written; the config 
       drafts/draft_1/ …
       proxy/                 same, when the composite has a proxy
 
+A draft or proxy that is a peft model is stored as its active adapter only (adapter_config.json +
+adapter_model.safetensors) plus `hf_eu_adapter_base.json`, which says how to rebuild its base: the
+target's first n layers (`truncated_copy`, so no base weights are stored at all) or a model id.
+
 Saving is atomic: everything is written into a temporary sibling folder that is renamed into place
 only when complete, so an interrupted save leaves the previous folder (or nothing) behind.
 Loading checks every expected file before reading any weights and reads safetensors only.
@@ -16,6 +20,7 @@ Loading checks every expected file before reading any weights and reads safetens
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -27,10 +32,12 @@ from transformers import AutoModelForCausalLM
 from .configuration import CONFIG_NAME, UncertaintyAwareConfig, load_composite_config
 from .model_card import render_model_card
 
-__all__ = ["save_composite", "load_composite_parts", "draft_folder", "PROXY_FOLDER"]
+__all__ = ["save_composite", "load_composite_parts", "draft_folder", "PROXY_FOLDER", "ADAPTER_BASE_FILE"]
 
 PROXY_FOLDER = "proxy"
+ADAPTER_BASE_FILE = "hf_eu_adapter_base.json"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 def draft_folder(index: int) -> str:
@@ -40,11 +47,35 @@ def draft_folder(index: int) -> str:
 
 def _save_model(model: nn.Module, folder: str, role: str) -> None:
     if hasattr(model, "peft_config"):
-        raise TypeError(
-            f"The {role} is a peft model; saving adapters inside a composite is not supported yet. "
-            "Call `model.merge_and_unload()` first and pass the merged model."
-        )
-    model.save_pretrained(folder, safe_serialization=True)
+        _save_adapter(model, folder, role)
+    else:
+        model.save_pretrained(folder, safe_serialization=True)
+
+
+def _adapter_base_spec(model: nn.Module, role: str) -> dict:
+    base_config = model.get_base_model().config
+    layers = getattr(base_config, "hf_eu_target_layers", None)
+    if layers:
+        return {"kind": "target_layers", "num_layers": int(layers)}
+    name = getattr(base_config, "_name_or_path", None)
+    if not name:
+        raise TypeError(f"The {role} is a peft model whose base has no id or folder to reload it from; build the base "
+                        "with `hf_eu.truncated_copy(target, n)` or from a saved model, or `merge_and_unload()` it first.")
+    return {"kind": "pretrained", "name_or_path": name}
+
+
+def _save_adapter(model: nn.Module, folder: str, role: str) -> None:
+    """Write the active adapter's files and how to rebuild its base into `folder`."""
+    spec = _adapter_base_spec(model, role)
+    adapter = model.active_adapter
+    with tempfile.TemporaryDirectory() as tmp:
+        model.save_pretrained(tmp, selected_adapters=[adapter], safe_serialization=True)
+        source = tmp if adapter == "default" else os.path.join(tmp, adapter)  # peft nests non-default names
+        os.makedirs(folder, exist_ok=True)
+        for name in _ADAPTER_FILES:
+            shutil.move(os.path.join(source, name), os.path.join(folder, name))
+    with open(os.path.join(folder, ADAPTER_BASE_FILE), "w", encoding="utf-8") as handle:
+        json.dump(spec, handle, indent=2)
 
 
 def save_composite(
@@ -84,34 +115,62 @@ def _replace_folder(staging: str, folder: str) -> None:
 
 
 def _check_model_folder(path: str, role: str) -> None:
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"The saved composite is incomplete: {os.path.join(path, 'config.json')} ({role}) is "
-                         "missing. Re-save the composite with `save_pretrained`, or copy the whole folder again.")
-    if not any(os.path.isfile(os.path.join(path, name)) for name in _WEIGHT_FILES):
-        raise ValueError(f"The saved composite is incomplete: no model.safetensors in {path} ({role}). hf_eu reads "
-                         "safetensors only; re-save the composite with `save_pretrained`.")
+    if os.path.isfile(os.path.join(path, ADAPTER_BASE_FILE)):
+        required = [os.path.join(path, name) for name in _ADAPTER_FILES]
+    else:
+        required = [os.path.join(path, "config.json")]
+        if not any(os.path.isfile(os.path.join(path, name)) for name in _WEIGHT_FILES):
+            required.append(os.path.join(path, "model.safetensors"))
+    for file in required:
+        if not os.path.isfile(file):
+            raise ValueError(f"The saved composite is incomplete: {file} ({role}) is missing. hf_eu reads safetensors "
+                             "only; re-save the composite with `save_pretrained`, or copy the whole folder again.")
 
 
-def _load_model(path: str, role: str, **kwargs) -> nn.Module:
+def _load_model(path: str, role: str, target: nn.Module | None, **kwargs) -> nn.Module:
     try:
+        if os.path.isfile(os.path.join(path, ADAPTER_BASE_FILE)):
+            return _load_adapter(path, target)
         return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
     except Exception as error:  # safetensors, JSON and config errors all mean the same to the user
         raise ValueError(f"The {role} in {path} is corrupt or unreadable ({type(error).__name__}: {error}). "
                          "Re-save the composite with `save_pretrained`.") from error
 
 
+def _load_adapter(path: str, target: nn.Module | None) -> nn.Module:
+    from peft import PeftModel
+
+    with open(os.path.join(path, ADAPTER_BASE_FILE), encoding="utf-8") as handle:
+        spec = json.load(handle)
+    if spec.get("kind") == "target_layers":
+        if target is None:
+            raise ValueError("this adapter sits on the target's own layers, so the target is needed to rebuild it")
+        from .truncation import truncated_copy
+
+        base = truncated_copy(target, int(spec["num_layers"]))
+    elif spec.get("kind") == "pretrained":
+        base = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], use_safetensors=True)
+    else:
+        raise ValueError(f"unknown adapter base kind {spec.get('kind')!r} in {ADAPTER_BASE_FILE}; upgrade hf_eu")
+    return PeftModel.from_pretrained(base, path, is_trainable=False).eval()
+
+
 def load_composite_parts(
-    folder: str | os.PathLike, **model_kwargs
+    folder: str | os.PathLike, target: nn.Module | None = None, config: UncertaintyAwareConfig | None = None,
+    **model_kwargs,
 ) -> tuple[UncertaintyAwareConfig, list[nn.Module], nn.Module | None]:
-    """Read config, drafts and proxy of a composite folder (every file is checked before any is loaded)."""
+    """Read config, drafts and proxy of a composite folder (every file is checked before any is loaded).
+
+    `target` is needed only for adapters stored on the target's own layers; `config` skips re-reading it.
+    """
     folder = os.fspath(folder)
-    config = load_composite_config(folder)
+    config = config if config is not None else load_composite_config(folder)
     draft_paths = [os.path.join(folder, draft_folder(k)) for k in range(config.num_drafts)]
     proxy_path = os.path.join(folder, PROXY_FOLDER) if config.has_proxy else None
     for index, path in enumerate(draft_paths):
         _check_model_folder(path, f"draft {index}")
     if proxy_path is not None:
         _check_model_folder(proxy_path, "proxy")
-    drafts = [_load_model(path, f"draft {k}", **model_kwargs) for k, path in enumerate(draft_paths)]
-    proxy = _load_model(proxy_path, "proxy", **model_kwargs) if proxy_path is not None else None
+    drafts = [_load_model(path, f"draft {k}", target, **model_kwargs) for k, path in enumerate(draft_paths)]
+    proxy = _load_model(proxy_path, "proxy", target, **model_kwargs) if proxy_path is not None else None
     return config, drafts, proxy

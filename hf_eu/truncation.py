@@ -3,7 +3,8 @@
 `truncated_copy(model, num_layers)` builds a new model of the target's class with only its first
 `num_layers` decoder layers, copying those weights. Such copies share the target's tokenizer and
 vocabulary by construction, so they are valid drafts before any training, and they are the starting
-point that training (DDD, OSD) fine-tunes. Works for decoder models whose base model keeps its blocks
+point that training (DDD, OSD) fine-tunes. The copy's config records `hf_eu_target_layers`, so a
+saved composite can store only a LoRA adapter trained on it and rebuild the base from the target. Works for decoder models whose base model keeps its blocks
 in `.layers` (Llama, Mistral, Qwen, Gemma, …) or `.h` (GPT-2 style).
 """
 
@@ -49,6 +50,8 @@ def truncated_copy(model: nn.Module, num_layers: int, dtype: torch.dtype | None 
         raise ValueError(f"Truncating {type(model).__name__} left weights unmatched (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); this architecture is not supported by truncated_copy.")
     draft.generation_config = copy.deepcopy(model.generation_config)
+    # Marks the copy so a composite can store an adapter on it without its weights (see serialization).
+    draft.config.hf_eu_target_layers = num_layers
     return draft.eval()
 
 

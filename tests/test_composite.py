@@ -134,7 +134,7 @@ def test_model_card_declares_library_and_base_model(saved):
 def test_missing_file_is_reported(saved):
     _, folder = saved
     os.remove(os.path.join(folder, "drafts", "draft_1", "model.safetensors"))
-    with pytest.raises(ValueError, match=r"incomplete: no model.safetensors in .*draft_1"):
+    with pytest.raises(ValueError, match=r"incomplete: .*draft_1.model.safetensors .draft 1. is missing"):
         UncertaintyAwareModelForCausalLM.from_pretrained(folder)
 
 
@@ -242,3 +242,26 @@ def test_composite_from_a_hub_id(saved, monkeypatch):
     reloaded = UncertaintyAwareModelForCausalLM.from_pretrained("org/composite", revision="v1")
     assert calls["args"] == ("org/composite", "v1")
     assert torch.equal(reloaded.proxy.lm_head.weight, model.proxy.lm_head.weight)
+
+
+def test_lora_drafts_on_the_targets_layers_store_only_adapters(tmp_path, target, batch):
+    """Drafts that are LoRA adapters on `truncated_copy(target, n)` save without any base weights."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_eu import truncated_copy
+
+    drafts = []
+    for k in range(2):
+        torch.manual_seed(k)
+        draft = get_peft_model(truncated_copy(target, 1), LoraConfig(r=2, target_modules=["q_proj", "v_proj"],
+                                                                     init_lora_weights=False))
+        drafts.append(draft)
+    model = UncertaintyAwareModelForCausalLM.from_pretrained(target, drafts=drafts)
+    folder = tmp_path / "lora-composite"
+    model.save_pretrained(folder)
+    files = {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs}
+    assert "drafts/draft_0/adapter_model.safetensors" in files
+    assert not any(f.endswith("model.safetensors") and "adapter" not in f for f in files), files
+    reloaded = UncertaintyAwareModelForCausalLM.from_pretrained(folder, target=target)
+    assert_close(eu_of(reloaded, batch).epistemic_uncertainty, eu_of(model, batch).epistemic_uncertainty)
+    assert eu_of(model, batch).eu_variance.max() > 1e-3, "the two adapters must make the drafts differ"
