@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench-overhead clean
+.PHONY: setup demo test test-fast bench-overhead train-defaults clean
 
 setup: $(VENV)/.installed
 
@@ -32,3 +32,7 @@ bench-overhead: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Rebuilds hf_eu/defaults/ from scratch (about 30-40 minutes on 2 CPU cores; resumable).
+train-defaults: setup
+	$(BIN)/python -m trainers.train_defaults

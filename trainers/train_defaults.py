@@ -1,0 +1,188 @@
+"""Train the default drafts and proxy for the embedded SmolLM2-135M-Instruct, which hf_eu ships.
+
+Usage (what `make train-defaults` runs; about 30-40 minutes on 2 CPU cores, resumable):
+
+    python -m trainers.train_defaults
+    python -m trainers.train_defaults --ddd_steps 60 --osd_steps 120 --work_dir .train-defaults
+
+Stages, each skipped on a rerun once finished (an interrupted trainer resumes from its checkpoint):
+1. questions: reasoning-gym `gsm_symbolic` and the arithmetic presets, with training seeds (≥ 1000,
+   never used by the evaluation), plus `openai/gsm8k` via `datasets.load_dataset` when `--gsm8k_path`
+   is given (a hub id where a hub is reachable, or a local file of the same schema);
+2. responses: R sampled answers per question from the target, with its top-k log-probs per token;
+3. DDD: K drafts = LoRA adapters on the target's first layers, draft k trained on partition k only;
+4. IDD (ablation, shipped separately): the same drafts all trained on partition 0;
+5. OSD: the proxy (same architecture) trained on forward KL to a freshly perturbed target;
+6. the composite is saved to `hf_eu/defaults/smollm2-135m-instruct/` (adapters only: the base is
+   rebuilt from the target) with `train_log.json`, `train_settings.json` and `train_questions.json`
+   (the exact training texts, which the evaluation excludes) beside the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+
+from datasets import Dataset, load_from_disk
+from peft import LoraConfig, get_peft_model
+from transformers import HfArgumentParser
+
+from hf_eu import UncertaintyAwareConfig, UncertaintyAwareModelForCausalLM, truncated_copy
+from hf_eu.embedded import EMBEDDED_MODEL_ID, load_embedded_target
+from trainers.data import generate_responses
+from trainers.ddd_config import DDDConfig
+from trainers.ddd_trainer import DDDTrainer
+from trainers.osd_config import OSDConfig
+from trainers.osd_trainer import OSDTrainer
+from trainers.partition import parse_scheme, partition_dataset
+from trainers.questions import gsm8k_questions, reasoning_gym_questions, training_seed
+from trainers.script_utils import DEFAULT_LORA_MODULES
+
+
+@dataclass
+class DefaultsArguments:
+    """Settings of the default composite's training (recorded in train_settings.json)."""
+
+    work_dir: str = field(default=".train-defaults", metadata={"help": "Scratch folder (data, checkpoints)."})
+    output_dir: str = field(default="hf_eu/defaults/smollm2-135m-instruct", metadata={"help": "Shipped composite."})
+    idd_output_dir: str = field(default="hf_eu/defaults/smollm2-135m-instruct-idd",
+                                metadata={"help": "IDD ablation drafts (identical data)."})
+    gsm_questions: int = field(default=60, metadata={"help": "gsm_symbolic questions."})
+    arith_questions_per_task: int = field(default=40, metadata={"help": "Questions per arithmetic preset."})
+    gsm8k_path: str | None = field(default=None, metadata={"help": "openai/gsm8k id or a local file; None skips."})
+    num_responses: int = field(default=3, metadata={"help": "Sampled responses per question (R)."})
+    max_new_tokens: int = field(default=96, metadata={"help": "Longest sampled response."})
+    temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the responses."})
+    top_k_logprobs: int = field(default=32, metadata={"help": "Stored teacher log-probs per token."})
+    partition_scheme: str = field(default="3x1", metadata={"help": "DDD partition G×S (K = G·S drafts)."})
+    draft_layers: int = field(default=4, metadata={"help": "Target layers under each draft and the proxy."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank of drafts and proxy."})
+    ddd_steps: int = field(default=60, metadata={"help": "Optimizer steps per draft."})
+    osd_steps: int = field(default=120, metadata={"help": "Optimizer steps of the proxy."})
+    batch_size: int = field(default=8, metadata={"help": "Rows per step."})
+    learning_rate: float = field(default=2e-3, metadata={"help": "AdamW learning rate (LoRA)."})
+    perturbation_rank: int = field(default=8, metadata={"help": "OSD noise rank r."})
+    perturbation_sigma: float = field(default=0.1, metadata={"help": "OSD noise scale σ."})
+    seed: int = field(default=0, metadata={"help": "Base seed of sampling, partitions and training."})
+
+
+def _questions(args: DefaultsArguments) -> list[dict]:
+    items = reasoning_gym_questions("gsm_symbolic", args.gsm_questions, seed=training_seed(0))
+    for k, task in enumerate(("arith_basic", "arith_chain_sum", "arith_products"), start=1):
+        items += reasoning_gym_questions(task, args.arith_questions_per_task, seed=training_seed(k))
+    if args.gsm8k_path:
+        items += gsm8k_questions(args.gsm8k_path, split="train", limit=args.gsm_questions, seed=args.seed)
+    return items
+
+
+def _student(target, args: DefaultsArguments):
+    base = truncated_copy(target, args.draft_layers)
+    base.get_input_embeddings().requires_grad_(False)
+    base.get_output_embeddings().requires_grad_(False)
+    config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=DEFAULT_LORA_MODULES,
+                        lora_dropout=0.0)
+    return get_peft_model(base, config)
+
+
+def _common(args: DefaultsArguments, output_dir: str, steps: int, seed: int) -> dict:
+    return dict(output_dir=output_dir, max_steps=steps, per_device_train_batch_size=args.batch_size,
+                learning_rate=args.learning_rate, lr_scheduler_type="cosine", warmup_steps=max(1, steps // 10),
+                logging_steps=5, save_steps=20, save_total_limit=1, report_to=[], seed=seed, data_seed=seed,
+                use_cpu=True)
+
+
+def _train(trainer, output_dir: str) -> dict:
+    """Train (resuming from the last checkpoint in `output_dir` if any) and return a log record."""
+    start = time.perf_counter()
+    has_checkpoint = any(name.startswith("checkpoint-") for name in os.listdir(output_dir)) \
+        if os.path.isdir(output_dir) else False
+    trainer.train(resume_from_checkpoint=has_checkpoint or None)
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    return {"seconds": round(time.perf_counter() - start, 1), "steps": trainer.state.global_step,
+            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
+            "log_history": trainer.state.log_history}
+
+
+def _train_drafts(target, data: Dataset, args: DefaultsArguments, name: str, cells: list[int], log: dict) -> list:
+    groups, slots = parse_scheme(args.partition_scheme)
+    drafts = []
+    for k, cell in enumerate(cells):
+        output_dir = os.path.join(args.work_dir, name, f"draft_{k}")
+        draft = _student(target, args)
+        config = DDDConfig(**_common(args, output_dir, args.ddd_steps, args.seed + k), partition_index=cell,
+                           num_prompt_groups=groups, num_response_slots=slots, partition_seed=args.seed)
+        print(f"[{name}] draft {k}: partition cell {cell}, {args.ddd_steps} steps", flush=True)
+        log[f"{name}_draft_{k}"] = _train(DDDTrainer(model=draft, args=config, train_dataset=data), output_dir)
+        drafts.append(draft.eval())
+    return drafts
+
+
+def _save(target, drafts, proxy, output_dir: str, training: dict, args: DefaultsArguments, log: dict) -> None:
+    config = UncertaintyAwareConfig(target_name_or_path=EMBEDDED_MODEL_ID, num_drafts=len(drafts),
+                                    has_proxy=proxy is not None, training=training)
+    UncertaintyAwareModelForCausalLM(target, drafts, proxy, config=config).save_pretrained(output_dir)
+    with open(os.path.join(output_dir, "train_settings.json"), "w") as handle:
+        json.dump(asdict(args), handle, indent=2)
+    with open(os.path.join(output_dir, "train_log.json"), "w") as handle:
+        json.dump({k: v for k, v in log.items() if k != "questions"}, handle, indent=2)
+    # Small task spaces (one-digit sums) repeat across seeds: the evaluation excludes these exact texts.
+    with open(os.path.join(output_dir, "train_questions.json"), "w") as handle:
+        json.dump(sorted({q["question"] for q in log["questions"]}), handle, indent=0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(DefaultsArguments).parse_args_into_dataclasses(args=argv)
+    os.makedirs(args.work_dir, exist_ok=True)
+    started = time.perf_counter()
+    target, tokenizer = load_embedded_target()
+    log: dict = {}
+
+    # ------------------------------------------------------------ 1-2. data
+    stage = time.perf_counter()
+    questions = _questions(args)
+    responses = generate_responses(target, tokenizer, [q["question"] for q in questions],
+                                   num_responses=args.num_responses, max_new_tokens=args.max_new_tokens,
+                                   temperature=args.temperature, top_k_logprobs=args.top_k_logprobs, seed=args.seed,
+                                   batch_size=args.batch_size, output_dir=os.path.join(args.work_dir, "responses"))
+    groups, slots = parse_scheme(args.partition_scheme)
+    data = partition_dataset(responses, groups, slots, seed=args.seed)
+    log["questions"] = questions
+    log["data"] = {"questions": len(questions), "responses": len(responses), "seconds": round(time.perf_counter() - stage, 1),
+                   "response_tokens": int(sum(len(r) - p for r, p in zip(responses["input_ids"],
+                                                                         responses["prompt_length"])))}
+
+    # --------------------------------------------------------- 3-4. drafts
+    ddd = _train_drafts(target, data, args, "ddd", list(range(groups * slots)), log)
+    idd = _train_drafts(target, data, args, "idd", [0] * (groups * slots), log)
+
+    # ---------------------------------------------------------------- 5. OSD
+    proxy = _student(target, args)
+    output_dir = os.path.join(args.work_dir, "osd")
+    config = OSDConfig(**_common(args, output_dir, args.osd_steps, args.seed), perturbation_rank=args.perturbation_rank,
+                       perturbation_sigma=args.perturbation_sigma, perturbation_seed=args.seed)
+    print(f"[osd] proxy: {args.osd_steps} steps", flush=True)
+    log["osd"] = _train(OSDTrainer(model=proxy, args=config, train_dataset=responses, teacher=target), output_dir)
+    proxy.eval()
+
+    # ----------------------------------------------------------- 6. composite
+    log["train_seconds"] = round(time.perf_counter() - started, 1)
+    training = {
+        "data": f"{log['data']['questions']} questions (reasoning-gym gsm_symbolic + arithmetic, training seeds), "
+                f"{args.num_responses} sampled responses each, top-{args.top_k_logprobs} teacher log-probs",
+        "partition_scheme": args.partition_scheme,
+        "drafts": f"LoRA r={args.lora_r} on the target's first {args.draft_layers} layers, {args.ddd_steps} steps each",
+        "ddd_loss": "forward KL(target ‖ draft) on stored top-k",
+        "ddd_last_losses": [log[f"ddd_draft_{k}"]["last_loss"] for k in range(len(ddd))],
+        "osd_noise": f"rank {args.perturbation_rank}, sigma {args.perturbation_sigma}, q_proj/v_proj, fresh per micro-batch",
+        "osd_last_loss": log["osd"]["last_loss"],
+        "train_seconds": log["train_seconds"],
+    }
+    _save(target, ddd, proxy, args.output_dir, training, args, log)
+    _save(target, idd, None, args.idd_output_dir, {**training, "partition_scheme": "identical data (cell 0)"}, args, log)
+    print(f"saved {args.output_dir} and {args.idd_output_dir} in {log['train_seconds']} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
