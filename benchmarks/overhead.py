@@ -19,15 +19,12 @@ Writes `ratio_batch1`, `ratio_batch8`, `peak_extra_memory_mb`, `command`, `machi
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import time
 
 import torch
 
+from benchmarks.common import command, machine, write_result
 from benchmarks.memory_probe import peak_extra_memory_mb
 from hf_eu import UncertaintyAwareModelForCausalLM, truncated_copy
 from hf_eu.embedded import load_embedded_target
@@ -36,10 +33,6 @@ QUESTIONS = [
     "What is 12 + 7?", "Name three colours.", "What is the capital of Italy?", "What is 9 * 6?",
     "Write a short greeting.", "What is 100 - 37?", "Which animal says moo?", "What is 5 + 8?",
 ]
-
-
-def machine() -> str:
-    return f"{platform.machine()} {os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads)"
 
 
 def timed(fn) -> float:
@@ -104,13 +97,10 @@ def main() -> None:
                     "drafts": f"3 x {args.draft_layers}-layer truncated SmolLM2", "proxy": f"{args.draft_layers}-layer",
                     "target": "SmolLM2-135M-Instruct (30 layers), float32", "chunk_size": "auto (128 MiB budget)",
                     "memory": "bfloat16 drafts, batch 8, prompt 32 tokens, answers of the given lengths"},
-        "command": "python -m benchmarks.overhead " + " ".join(sys.argv[1:]),
+        "command": command("benchmarks.overhead"),
         "machine": machine(),
     }
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as handle:
-        json.dump(result, handle, indent=2)
-    print(json.dumps(result, indent=2))
+    write_result(result, args.out)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ Nothing here knows about models, masks or chunks: `estimators.py` combines these
 
 from __future__ import annotations
 
-import math
 
 import torch
 

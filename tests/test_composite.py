@@ -265,3 +265,6 @@ def test_lora_drafts_on_the_targets_layers_store_only_adapters(tmp_path, target,
     reloaded = UncertaintyAwareModelForCausalLM.from_pretrained(folder, target=target)
     assert_close(eu_of(reloaded, batch).epistemic_uncertainty, eu_of(model, batch).epistemic_uncertainty)
     assert eu_of(model, batch).eu_variance.max() > 1e-3, "the two adapters must make the drafts differ"
+    prompt = batch["input_ids"][:1]
+    assisted = reloaded.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, assistant_draft=1)
+    assert torch.equal(assisted, target.generate(input_ids=prompt, max_new_tokens=6, do_sample=False))

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.testing import assert_close
 
 from hf_eu.perturbation import LowRankGaussianPerturbation, PerturbationConfig
 

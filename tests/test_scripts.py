@@ -5,7 +5,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from trainers.run_ddd import main as run_ddd
 

@@ -17,7 +17,7 @@ from transformers import HfArgumentParser
 from trainers.ddd_config import DDDConfig
 from trainers.ddd_trainer import DDDTrainer
 from trainers.partition import partition_dataset
-from trainers.script_utils import ScriptArguments, build_student, load_rows, load_target
+from trainers.script_utils import ScriptArguments, build_student, load_rows, load_target, train_and_save
 
 
 def main(argv: list[str] | None = None) -> DDDTrainer:
@@ -35,10 +35,7 @@ def main(argv: list[str] | None = None) -> DDDTrainer:
 
     # -------------------------------------------------------------- training
     trainer = DDDTrainer(model=draft, args=config, train_dataset=data, teacher=live_teacher)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    if config.push_to_hub:
-        trainer.push_to_hub()
+    train_and_save(trainer, config)
     return trainer
 
 

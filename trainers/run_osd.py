@@ -15,7 +15,7 @@ from transformers import HfArgumentParser
 
 from trainers.osd_config import OSDConfig
 from trainers.osd_trainer import OSDTrainer
-from trainers.script_utils import ScriptArguments, build_student, load_rows, load_target
+from trainers.script_utils import ScriptArguments, build_student, load_rows, load_target, train_and_save
 
 
 def main(argv: list[str] | None = None) -> OSDTrainer:
@@ -27,10 +27,7 @@ def main(argv: list[str] | None = None) -> OSDTrainer:
     proxy = build_student(script_args, target)
 
     trainer = OSDTrainer(model=proxy, args=config, train_dataset=rows, teacher=target)
-    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
-    trainer.save_model(config.output_dir)
-    if config.push_to_hub:
-        trainer.push_to_hub()
+    train_and_save(trainer, config)
     return trainer
 
 

@@ -18,7 +18,7 @@ from hf_eu import truncated_copy
 from hf_eu.embedded import embedded_target_path
 from hf_eu.loading import load_causal_lm
 
-__all__ = ["ScriptArguments", "load_rows", "load_target", "build_student"]
+__all__ = ["ScriptArguments", "load_rows", "load_target", "build_student", "train_and_save"]
 
 DEFAULT_LORA_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -73,3 +73,11 @@ def build_student(args: ScriptArguments, target: nn.Module) -> nn.Module:
     config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, target_modules=args.lora_target_modules,
                         lora_dropout=0.0)
     return get_peft_model(student, config)
+
+
+def train_and_save(trainer, config) -> None:
+    """Train (resuming if `config.resume_from_checkpoint`), save the model, and push it if asked."""
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    trainer.save_model(config.output_dir)
+    if config.push_to_hub:
+        trainer.push_to_hub()

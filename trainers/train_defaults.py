@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 
-from datasets import Dataset, load_from_disk
+from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import HfArgumentParser
 
@@ -57,7 +57,8 @@ class DefaultsArguments:
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature of the responses."})
     top_k_logprobs: int = field(default=32, metadata={"help": "Stored teacher log-probs per token."})
     partition_scheme: str = field(default="3x1", metadata={"help": "DDD partition G×S (K = G·S drafts)."})
-    draft_layers: int = field(default=4, metadata={"help": "Target layers under each draft and the proxy."})
+    draft_layers: int = field(default=4, metadata={"help": "Target layers under each draft."})
+    proxy_layers: int | None = field(default=None, metadata={"help": "Target layers under the proxy (None: as drafts)."})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank of drafts and proxy."})
     ddd_steps: int = field(default=60, metadata={"help": "Optimizer steps per draft."})
     osd_steps: int = field(default=120, metadata={"help": "Optimizer steps of the proxy."})
@@ -77,8 +78,8 @@ def _questions(args: DefaultsArguments) -> list[dict]:
     return items
 
 
-def _student(target, args: DefaultsArguments):
-    base = truncated_copy(target, args.draft_layers)
+def _student(target, args: DefaultsArguments, num_layers: int):
+    base = truncated_copy(target, num_layers)
     base.get_input_embeddings().requires_grad_(False)
     base.get_output_embeddings().requires_grad_(False)
     config = LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, target_modules=DEFAULT_LORA_MODULES,
@@ -110,7 +111,7 @@ def _train_drafts(target, data: Dataset, args: DefaultsArguments, name: str, cel
     drafts = []
     for k, cell in enumerate(cells):
         output_dir = os.path.join(args.work_dir, name, f"draft_{k}")
-        draft = _student(target, args)
+        draft = _student(target, args, args.draft_layers)
         config = DDDConfig(**_common(args, output_dir, args.ddd_steps, args.seed + k), partition_index=cell,
                            num_prompt_groups=groups, num_response_slots=slots, partition_seed=args.seed)
         print(f"[{name}] draft {k}: partition cell {cell}, {args.ddd_steps} steps", flush=True)
@@ -158,8 +159,9 @@ def main(argv: list[str] | None = None) -> None:
     idd = _train_drafts(target, data, args, "idd", [0] * (groups * slots), log)
 
     # ---------------------------------------------------------------- 5. OSD
-    proxy = _student(target, args)
-    output_dir = os.path.join(args.work_dir, "osd")
+    proxy_layers = args.proxy_layers or args.draft_layers
+    proxy = _student(target, args, proxy_layers)
+    output_dir = os.path.join(args.work_dir, f"osd-{proxy_layers}-layers")
     config = OSDConfig(**_common(args, output_dir, args.osd_steps, args.seed), perturbation_rank=args.perturbation_rank,
                        perturbation_sigma=args.perturbation_sigma, perturbation_seed=args.seed)
     print(f"[osd] proxy: {args.osd_steps} steps", flush=True)
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
         "drafts": f"LoRA r={args.lora_r} on the target's first {args.draft_layers} layers, {args.ddd_steps} steps each",
         "ddd_loss": "forward KL(target ‖ draft) on stored top-k",
         "ddd_last_losses": [log[f"ddd_draft_{k}"]["last_loss"] for k in range(len(ddd))],
+        "proxy": f"LoRA r={args.lora_r} on the target's first {proxy_layers} layers, {args.osd_steps} steps",
         "osd_noise": f"rank {args.perturbation_rank}, sigma {args.perturbation_sigma}, q_proj/v_proj, fresh per micro-batch",
         "osd_last_loss": log["osd"]["last_loss"],
         "train_seconds": log["train_seconds"],
