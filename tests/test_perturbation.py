@@ -87,12 +87,14 @@ def test_nested_apply_and_bad_settings_are_refused():
         PerturbationConfig(sigma=0)
 
 
-def test_quantized_weights_are_refused_before_anything_changes():
-    model = tiny_llama(seed=0)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bitsandbytes_quantized_target_is_refused_before_anything_changes(tmp_path, bits):
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    tiny_llama(seed=0, hidden_size=64).save_pretrained(tmp_path)
+    quantization = BitsAndBytesConfig(load_in_8bit=True) if bits == 8 else BitsAndBytesConfig(load_in_4bit=True)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, quantization_config=quantization)
     before = weights(model)
-    layer = model.model.layers[1].self_attn.q_proj
-    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)  # stands in for int8
-    before = weights(model)
-    with pytest.raises(ValueError, match="quantized"):
+    with pytest.raises(ValueError, match="quantized weights, which cannot be perturbed"):
         LowRankGaussianPerturbation(model)
     assert all(torch.equal(before[k], v) for k, v in weights(model).items())
