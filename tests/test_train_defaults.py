@@ -14,9 +14,13 @@ from trainers.train_defaults import main as train_defaults
 @pytest.mark.slow
 def test_pipeline_ships_a_loadable_adapter_only_composite(tmp_path):
     out, idd = tmp_path / "defaults", tmp_path / "idd"
-    train_defaults(["--work_dir", str(tmp_path / "work"), "--output_dir", str(out), "--idd_output_dir", str(idd),
-                    "--gsm_questions", "2", "--arith_questions_per_task", "1", "--max_new_tokens", "6",
-                    "--ddd_steps", "2", "--osd_steps", "1", "--batch_size", "4", "--lora_r", "2"])
+    argv = ["--work_dir", str(tmp_path / "work"), "--output_dir", str(out), "--idd_output_dir", str(idd),
+            "--gsm_questions", "2", "--arith_questions_per_task", "1", "--max_new_tokens", "6",
+            "--ddd_steps", "2", "--osd_steps", "1", "--batch_size", "4", "--lora_r", "2"]
+    train_defaults(argv)
+    first_log = json.load(open(out / "train_log.json"))
+    train_defaults(argv)  # a rerun finds every stage finished: nothing is trained or sampled again
+    assert json.load(open(out / "train_log.json"))["train_seconds"] == first_log["train_seconds"]
     files = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     assert {"config.json", "README.md", "train_log.json", "train_settings.json", "train_questions.json",
             "drafts/draft_2/adapter_model.safetensors", "proxy/adapter_model.safetensors"} <= files

@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 
 from datasets import Dataset
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import HfArgumentParser
 
 from hf_eu import UncertaintyAwareConfig, UncertaintyAwareModelForCausalLM, truncated_copy
@@ -94,16 +94,37 @@ def _common(args: DefaultsArguments, output_dir: str, steps: int, seed: int) -> 
                 use_cpu=True)
 
 
-def _train(trainer, output_dir: str) -> dict:
-    """Train (resuming from the last checkpoint in `output_dir` if any) and return a log record."""
+STAGE_RECORD = "hf_eu_stage.json"
+
+
+def _stage(output_dir: str, run) -> dict:
+    """Run a stage once: its record (seconds, losses) is saved in `output_dir` and returned on reruns."""
+    path = os.path.join(output_dir, STAGE_RECORD)
+    if os.path.isfile(path):
+        with open(path) as handle:
+            return json.load(handle)
     start = time.perf_counter()
-    has_checkpoint = any(name.startswith("checkpoint-") for name in os.listdir(output_dir)) \
-        if os.path.isdir(output_dir) else False
+    record = run()
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    os.makedirs(output_dir, exist_ok=True)
+    with open(path, "w") as handle:
+        json.dump(record, handle, indent=2)
+    return record
+
+
+def _train(trainer, output_dir: str) -> dict:
+    """Train (resuming from the last checkpoint in `output_dir` if any), save the adapter, return a log record."""
+    has_checkpoint = os.path.isdir(output_dir) and any(n.startswith("checkpoint-") for n in os.listdir(output_dir))
     trainer.train(resume_from_checkpoint=has_checkpoint or None)
+    trainer.save_model(output_dir)
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-    return {"seconds": round(time.perf_counter() - start, 1), "steps": trainer.state.global_step,
-            "first_loss": losses[0] if losses else None, "last_loss": losses[-1] if losses else None,
-            "log_history": trainer.state.log_history}
+    return {"steps": trainer.state.global_step, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None, "log_history": trainer.state.log_history}
+
+
+def _trained_student(target, num_layers: int, output_dir: str):
+    """The adapter saved in `output_dir`, on the target's first `num_layers` layers."""
+    return PeftModel.from_pretrained(truncated_copy(target, num_layers), output_dir).eval()
 
 
 def _train_drafts(target, data: Dataset, args: DefaultsArguments, name: str, cells: list[int], log: dict) -> list:
@@ -111,48 +132,58 @@ def _train_drafts(target, data: Dataset, args: DefaultsArguments, name: str, cel
     drafts = []
     for k, cell in enumerate(cells):
         output_dir = os.path.join(args.work_dir, name, f"draft_{k}")
-        draft = _student(target, args, args.draft_layers)
         config = DDDConfig(**_common(args, output_dir, args.ddd_steps, args.seed + k), partition_index=cell,
                            num_prompt_groups=groups, num_response_slots=slots, partition_seed=args.seed)
-        print(f"[{name}] draft {k}: partition cell {cell}, {args.ddd_steps} steps", flush=True)
-        log[f"{name}_draft_{k}"] = _train(DDDTrainer(model=draft, args=config, train_dataset=data), output_dir)
-        drafts.append(draft.eval())
+
+        def run(config=config, output_dir=output_dir, k=k, cell=cell):
+            print(f"[{name}] draft {k}: partition cell {cell}, {args.ddd_steps} steps", flush=True)
+            draft = _student(target, args, args.draft_layers)
+            return _train(DDDTrainer(model=draft, args=config, train_dataset=data), output_dir)
+
+        log[f"{name}_draft_{k}"] = _stage(output_dir, run)
+        drafts.append(_trained_student(target, args.draft_layers, output_dir))
     return drafts
 
 
-def _save(target, drafts, proxy, output_dir: str, training: dict, args: DefaultsArguments, log: dict) -> None:
+def _save(target, drafts, proxy, output_dir: str, training: dict, args: DefaultsArguments, log: dict,
+          questions: list[dict]) -> None:
     config = UncertaintyAwareConfig(target_name_or_path=EMBEDDED_MODEL_ID, num_drafts=len(drafts),
                                     has_proxy=proxy is not None, training=training)
     UncertaintyAwareModelForCausalLM(target, drafts, proxy, config=config).save_pretrained(output_dir)
     with open(os.path.join(output_dir, "train_settings.json"), "w") as handle:
         json.dump(asdict(args), handle, indent=2)
     with open(os.path.join(output_dir, "train_log.json"), "w") as handle:
-        json.dump({k: v for k, v in log.items() if k != "questions"}, handle, indent=2)
+        json.dump(log, handle, indent=2)
     # Small task spaces (one-digit sums) repeat across seeds: the evaluation excludes these exact texts.
     with open(os.path.join(output_dir, "train_questions.json"), "w") as handle:
-        json.dump(sorted({q["question"] for q in log["questions"]}), handle, indent=0)
+        json.dump(sorted({q["question"] for q in questions}), handle, indent=0)
 
 
 def main(argv: list[str] | None = None) -> None:
     (args,) = HfArgumentParser(DefaultsArguments).parse_args_into_dataclasses(args=argv)
     os.makedirs(args.work_dir, exist_ok=True)
-    started = time.perf_counter()
     target, tokenizer = load_embedded_target()
     log: dict = {}
 
     # ------------------------------------------------------------ 1-2. data
-    stage = time.perf_counter()
     questions = _questions(args)
-    responses = generate_responses(target, tokenizer, [q["question"] for q in questions],
+    responses_dir = os.path.join(args.work_dir, "responses")
+
+    def sample():
+        responses = generate_responses(target, tokenizer, [q["question"] for q in questions],
+                                       num_responses=args.num_responses, max_new_tokens=args.max_new_tokens,
+                                       temperature=args.temperature, top_k_logprobs=args.top_k_logprobs,
+                                       seed=args.seed, batch_size=args.batch_size, output_dir=responses_dir)
+        return {"questions": len(questions), "responses": len(responses), "response_tokens": int(sum(
+            len(ids) - p for ids, p in zip(responses["input_ids"], responses["prompt_length"])))}
+
+    log["data"] = _stage(responses_dir, sample)
+    responses = generate_responses(target, tokenizer, [q["question"] for q in questions],  # reads the shards
                                    num_responses=args.num_responses, max_new_tokens=args.max_new_tokens,
                                    temperature=args.temperature, top_k_logprobs=args.top_k_logprobs, seed=args.seed,
-                                   batch_size=args.batch_size, output_dir=os.path.join(args.work_dir, "responses"))
+                                   batch_size=args.batch_size, output_dir=responses_dir, show_progress=False)
     groups, slots = parse_scheme(args.partition_scheme)
     data = partition_dataset(responses, groups, slots, seed=args.seed)
-    log["questions"] = questions
-    log["data"] = {"questions": len(questions), "responses": len(responses), "seconds": round(time.perf_counter() - stage, 1),
-                   "response_tokens": int(sum(len(r) - p for r, p in zip(responses["input_ids"],
-                                                                         responses["prompt_length"])))}
 
     # --------------------------------------------------------- 3-4. drafts
     ddd = _train_drafts(target, data, args, "ddd", list(range(groups * slots)), log)
@@ -160,16 +191,21 @@ def main(argv: list[str] | None = None) -> None:
 
     # ---------------------------------------------------------------- 5. OSD
     proxy_layers = args.proxy_layers or args.draft_layers
-    proxy = _student(target, args, proxy_layers)
     output_dir = os.path.join(args.work_dir, f"osd-{proxy_layers}-layers")
     config = OSDConfig(**_common(args, output_dir, args.osd_steps, args.seed), perturbation_rank=args.perturbation_rank,
                        perturbation_sigma=args.perturbation_sigma, perturbation_seed=args.seed)
-    print(f"[osd] proxy: {args.osd_steps} steps", flush=True)
-    log["osd"] = _train(OSDTrainer(model=proxy, args=config, train_dataset=responses, teacher=target), output_dir)
-    proxy.eval()
+
+    def distil():
+        print(f"[osd] proxy on {proxy_layers} layers: {args.osd_steps} steps", flush=True)
+        proxy = _student(target, args, proxy_layers)
+        return _train(OSDTrainer(model=proxy, args=config, train_dataset=responses, teacher=target), output_dir)
+
+    log["osd"] = _stage(output_dir, distil)
+    proxy = _trained_student(target, proxy_layers, output_dir)
 
     # ----------------------------------------------------------- 6. composite
-    log["train_seconds"] = round(time.perf_counter() - started, 1)
+    # the from-scratch cost: every stage's own measured time, however many reruns it took to finish them
+    log["train_seconds"] = round(sum(r["seconds"] for r in log.values() if isinstance(r, dict) and "seconds" in r), 1)
     training = {
         "data": f"{log['data']['questions']} questions (reasoning-gym gsm_symbolic + arithmetic, training seeds), "
                 f"{args.num_responses} sampled responses each, top-{args.top_k_logprobs} teacher log-probs",
@@ -182,8 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         "osd_last_loss": log["osd"]["last_loss"],
         "train_seconds": log["train_seconds"],
     }
-    _save(target, ddd, proxy, args.output_dir, training, args, log)
-    _save(target, idd, None, args.idd_output_dir, {**training, "partition_scheme": "identical data (cell 0)"}, args, log)
+    _save(target, ddd, proxy, args.output_dir, training, args, log, questions)
+    _save(target, idd, None, args.idd_output_dir, {**training, "partition_scheme": "identical data (cell 0)"}, args, log,
+          questions)
     print(f"saved {args.output_dir} and {args.idd_output_dir} in {log['train_seconds']} s", flush=True)
 
 
