@@ -12,7 +12,9 @@ at batch 1 and batch 8 with the same greedy arguments (min = max new tokens, so 
 number of tokens), and reports the ratio of medians. It then measures the peak extra resident memory
 of scoring a batch of 8 at two answer lengths (resident-set high-water mark, Linux).
 It does all of this twice: drafts and proxy in float32 (the keys `ratio_batch1`, `ratio_batch8`) and in
-bfloat16 (`bfloat16_drafts`), since this CPU runs bfloat16 matmuls about 2x faster.
+bfloat16 (`bfloat16_drafts`), since this CPU runs bfloat16 matmuls about 2x faster; and, when trained
+defaults ship, once more for them (`shipped_defaults`: LoRA drafts on 4 target layers and a LoRA proxy
+on all 30, which costs one target-sized teacher-forced pass more).
 Writes `ratio_batch1`, `ratio_batch8`, `peak_extra_memory_mb`, `command`, `machine` and details.
 """
 
@@ -27,6 +29,7 @@ import torch
 from benchmarks.common import command, machine, write_result
 from benchmarks.memory_probe import peak_extra_memory_mb
 from hf_eu import UncertaintyAwareModelForCausalLM, truncated_copy
+from hf_eu.defaults import DEFAULT_COMPOSITE_DIR, has_trained_defaults
 from hf_eu.embedded import load_embedded_target
 
 QUESTIONS = [
@@ -84,6 +87,11 @@ def main() -> None:
                          for b in (1, 8)}
         print(f"drafts in {name}: {results[name]}", flush=True)
     memory = {length: measure_memory(model, 8, 32, length) for length in (args.max_new_tokens, 4 * args.max_new_tokens)}
+    if has_trained_defaults():  # the composite that ships: LoRA drafts on 4 target layers, full-depth LoRA proxy
+        shipped = UncertaintyAwareModelForCausalLM.from_pretrained(DEFAULT_COMPOSITE_DIR, target=target)
+        results["shipped_defaults"] = {f"batch{b}": measure_ratio(shipped, tokenizer, b, args.max_new_tokens,
+                                                                  args.repeats) for b in (1, 8)}
+        print(f"shipped defaults: {results['shipped_defaults']}", flush=True)
     print(f"peak extra memory of scoring, batch 8, by answer length: {memory} MiB", flush=True)
 
     result = {
@@ -93,6 +101,8 @@ def main() -> None:
         "peak_extra_memory_mb_by_answer_length": memory,
         "bfloat16_drafts": {"ratio_batch1": results["bfloat16"]["batch1"]["ratio"],
                             "ratio_batch8": results["bfloat16"]["batch8"]["ratio"]},
+        **({"shipped_defaults": {f"ratio_batch{b}": results["shipped_defaults"][f"batch{b}"]["ratio"] for b in (1, 8)}}
+           if "shipped_defaults" in results else {}),
         "details": {**results, "max_new_tokens": args.max_new_tokens,
                     "drafts": f"3 x {args.draft_layers}-layer truncated SmolLM2", "proxy": f"{args.draft_layers}-layer",
                     "target": "SmolLM2-135M-Instruct (30 layers), float32", "chunk_size": "auto (128 MiB budget)",

@@ -34,6 +34,8 @@ class UncertaintyAwareConfig(PretrainedConfig):
         estimator (`str`): name of the registered estimator `generate` uses (default `"hf_eu"`).
         chunk_size (`int`, *optional*): positions scored per chunk; None picks it from a memory budget.
         vocab_size (`int`, *optional*): size of the shared output vocabulary.
+        adapter_storage_dtype (`str`, *optional*): dtype the files of peft adapters are written in
+            (e.g. `"bfloat16"` halves them); they are loaded back into the model's own dtype.
         training (`dict`, *optional*): free-form record of how drafts and proxy were trained
             (partition scheme, losses, noise settings, evaluation numbers); rendered in the model card.
         hf_eu_version (`str`): version of hf_eu that wrote the config.
@@ -50,6 +52,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         estimator: str = "hf_eu",
         chunk_size: int | None = None,
         vocab_size: int | None = None,
+        adapter_storage_dtype: str | None = None,
         training: dict[str, Any] | None = None,
         hf_eu_version: str = __version__,
         **kwargs,
@@ -65,6 +68,10 @@ class UncertaintyAwareConfig(PretrainedConfig):
         self.estimator = estimator
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size
+        if adapter_storage_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"`adapter_storage_dtype` must be None, 'float32', 'bfloat16' or 'float16', "
+                             f"got {adapter_storage_dtype!r}.")
+        self.adapter_storage_dtype = adapter_storage_dtype
         self.training = training or {}
         self.hf_eu_version = hf_eu_version
         super().__init__(**kwargs)

@@ -26,6 +26,8 @@ import shutil
 import tempfile
 from collections.abc import Sequence
 
+import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -45,11 +47,17 @@ def draft_folder(index: int) -> str:
     return os.path.join("drafts", f"draft_{index}")
 
 
-def _save_model(model: nn.Module, folder: str, role: str) -> None:
+def _save_model(model: nn.Module, folder: str, role: str, adapter_dtype: str | None = None) -> None:
     if hasattr(model, "peft_config"):
-        _save_adapter(model, folder, role)
+        _save_adapter(model, folder, role, adapter_dtype)
     else:
         model.save_pretrained(folder, safe_serialization=True)
+
+
+def _cast_safetensors(path: str, dtype: torch.dtype) -> None:
+    tensors = load_file(path)
+    save_file({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}, path,
+              metadata={"format": "pt"})
 
 
 def _adapter_base_spec(model: nn.Module, role: str) -> dict:
@@ -64,14 +72,16 @@ def _adapter_base_spec(model: nn.Module, role: str) -> dict:
     return {"kind": "pretrained", "name_or_path": name}
 
 
-def _save_adapter(model: nn.Module, folder: str, role: str) -> None:
-    """Write the active adapter's files and how to rebuild its base into `folder`."""
+def _save_adapter(model: nn.Module, folder: str, role: str, dtype: str | None = None) -> None:
+    """Write the active adapter's files (floating tensors in `dtype` if given) and how to rebuild its base."""
     spec = _adapter_base_spec(model, role)
     adapter = model.active_adapter
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp, selected_adapters=[adapter], safe_serialization=True)
         source = tmp if adapter == "default" else os.path.join(tmp, adapter)  # peft nests non-default names
         os.makedirs(folder, exist_ok=True)
+        if dtype is not None:
+            _cast_safetensors(os.path.join(source, "adapter_model.safetensors"), getattr(torch, dtype))
         for name in _ADAPTER_FILES:
             shutil.move(os.path.join(source, name), os.path.join(folder, name))
     with open(os.path.join(folder, ADAPTER_BASE_FILE), "w", encoding="utf-8") as handle:
@@ -91,10 +101,11 @@ def save_composite(
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.saving-", dir=parent)
     try:
+        dtype = config.adapter_storage_dtype
         for index, draft in enumerate(drafts):
-            _save_model(draft, os.path.join(staging, draft_folder(index)), f"draft {index}")
+            _save_model(draft, os.path.join(staging, draft_folder(index)), f"draft {index}", dtype)
         if proxy is not None:
-            _save_model(proxy, os.path.join(staging, PROXY_FOLDER), "proxy")
+            _save_model(proxy, os.path.join(staging, PROXY_FOLDER), "proxy", dtype)
         render_model_card(config, repo_id=repo_id).save(os.path.join(staging, "README.md"))
         config.to_json_file(os.path.join(staging, CONFIG_NAME), use_diff=True)
         _replace_folder(staging, folder)

@@ -265,6 +265,18 @@ def test_lora_drafts_on_the_targets_layers_store_only_adapters(tmp_path, target,
     reloaded = UncertaintyAwareModelForCausalLM.from_pretrained(folder, target=target)
     assert_close(eu_of(reloaded, batch).epistemic_uncertainty, eu_of(model, batch).epistemic_uncertainty)
     assert eu_of(model, batch).eu_variance.max() > 1e-3, "the two adapters must make the drafts differ"
+    halved = tmp_path / "bf16-composite"
+    model.config.adapter_storage_dtype = "bfloat16"
+    model.save_pretrained(halved)
+    from safetensors.torch import load_file
+
+    stored = load_file(os.path.join(halved, "drafts", "draft_0", "adapter_model.safetensors"))
+    assert stored and all(t.dtype == torch.bfloat16 for t in stored.values())
+    from_bf16 = UncertaintyAwareModelForCausalLM.from_pretrained(halved, target=target)
+    assert from_bf16.drafts[0].base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype \
+        == torch.float32  # stored in bfloat16, computed in the model's dtype
+    assert_close(eu_of(from_bf16, batch).epistemic_uncertainty, eu_of(model, batch).epistemic_uncertainty,
+                 atol=0.05, rtol=0.05)
     prompt = batch["input_ids"][:1]
     assisted = reloaded.generate(input_ids=prompt, max_new_tokens=6, do_sample=False, assistant_draft=1)
     assert torch.equal(assisted, target.generate(input_ids=prompt, max_new_tokens=6, do_sample=False))
