@@ -19,7 +19,7 @@ def machine() -> str:
 
 def command(module: str) -> str:
     """The command line that reproduces this run."""
-    return f"python -m {module} " + " ".join(sys.argv[1:])
+    return " ".join(["python -m", module, *sys.argv[1:]])
 
 
 def write_result(result: dict, path: str) -> None:

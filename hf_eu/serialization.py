@@ -163,7 +163,9 @@ def _load_adapter(path: str, target: nn.Module | None) -> nn.Module:
         base = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], use_safetensors=True)
     else:
         raise ValueError(f"unknown adapter base kind {spec.get('kind')!r} in {ADAPTER_BASE_FILE}; upgrade hf_eu")
-    return PeftModel.from_pretrained(base, path, is_trainable=False).eval()
+    model = PeftModel.from_pretrained(base, path, is_trainable=False).eval()
+    model.merge_adapter()  # the base is this draft's own copy: merge for speed; the adapter stays saveable
+    return model
 
 
 def load_composite_parts(

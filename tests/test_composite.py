@@ -264,6 +264,9 @@ def test_lora_drafts_on_the_targets_layers_store_only_adapters(tmp_path, target,
     assert not any(f.endswith("model.safetensors") and "adapter" not in f for f in files), files
     reloaded = UncertaintyAwareModelForCausalLM.from_pretrained(folder, target=target)
     assert_close(eu_of(reloaded, batch).epistemic_uncertainty, eu_of(model, batch).epistemic_uncertainty)
+    reloaded.save_pretrained(tmp_path / "again")  # loaded adapters are merged for speed and still save as adapters
+    again = UncertaintyAwareModelForCausalLM.from_pretrained(tmp_path / "again", target=target)
+    assert_close(eu_of(again, batch).epistemic_uncertainty, eu_of(model, batch).epistemic_uncertainty)
     assert eu_of(model, batch).eu_variance.max() > 1e-3, "the two adapters must make the drafts differ"
     halved = tmp_path / "bf16-composite"
     model.config.adapter_storage_dtype = "bfloat16"
