@@ -28,14 +28,11 @@ import torch
 
 from benchmarks.common import command, machine, write_result
 from hf_eu import UncertaintyAwareModelForCausalLM, truncated_copy
-from hf_eu.defaults import DEFAULT_COMPOSITE_DIR
+from hf_eu.defaults import DEFAULT_COMPOSITE_DIR, IDD_COMPOSITE_DIR
 from hf_eu.divergences import jsd, kl, mixture_logps
 from hf_eu.embedded import load_embedded_target
 from hf_eu.perturbation import LowRankGaussianPerturbation
 from trainers.questions import reasoning_gym_questions
-
-IDD_DIR = DEFAULT_COMPOSITE_DIR + "-idd"
-
 
 def held_out_questions(count: int, composite_dir: str) -> list[str]:
     trained = set(json.load(open(os.path.join(composite_dir, "train_questions.json"))))
@@ -120,7 +117,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--bma-samples", type=int, default=16)
     parser.add_argument("--composite", default=DEFAULT_COMPOSITE_DIR, help="trained composite (default: shipped)")
-    parser.add_argument("--idd", default=IDD_DIR, help="composite of the IDD ablation drafts")
+    parser.add_argument("--idd", default=IDD_COMPOSITE_DIR, help="composite of the IDD ablation drafts")
     parser.add_argument("--out", default="benchmarks/results/training.json")
     args = parser.parse_args()
 

@@ -150,6 +150,11 @@ def _train_drafts(target, data: Dataset, args: DefaultsArguments, name: str, cel
     return drafts
 
 
+def _rounded(loss: float | None) -> float | None:
+    """A logged loss for the model card (None when a run was shorter than `logging_steps`)."""
+    return None if loss is None else round(loss, 3)
+
+
 def _save(target, drafts, proxy, output_dir: str, training: dict, args: DefaultsArguments, log: dict,
           questions: list[dict]) -> None:
     config = UncertaintyAwareConfig(target_name_or_path=EMBEDDED_MODEL_ID, num_drafts=len(drafts),
@@ -218,10 +223,10 @@ def main(argv: list[str] | None = None) -> None:
         "partition_scheme": args.partition_scheme,
         "drafts": f"LoRA r={args.lora_r} on the target's first {args.draft_layers} layers, {args.ddd_steps} steps each",
         "ddd_loss": "forward KL(target ‖ draft) on stored top-k",
-        "ddd_last_losses": [round(log[f"ddd_draft_{k}"]["last_loss"], 3) for k in range(len(ddd))],
+        "ddd_last_losses": [_rounded(log[f"ddd_draft_{k}"]["last_loss"]) for k in range(len(ddd))],
         "proxy": f"LoRA r={args.lora_r} on the target's first {proxy_layers} layers, {args.osd_steps} OSD steps",
         "osd_noise": f"rank {args.perturbation_rank}, sigma {args.perturbation_sigma}, q_proj/v_proj, fresh per micro-batch",
-        "osd_last_loss": round(log["osd"]["last_loss"], 3),
+        "osd_last_loss": _rounded(log["osd"]["last_loss"]),
         "train_seconds": log["train_seconds"],
     }
     _save(target, ddd, proxy, args.output_dir, training, args, log, questions)

