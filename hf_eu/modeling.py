@@ -57,10 +57,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         config: UncertaintyAwareConfig | None = None,
     ):
         super().__init__()
-        if isinstance(drafts, nn.Module) or not isinstance(drafts, Sequence):
-            raise TypeError(f"`drafts` must be a list of models, got {type(drafts).__name__}; wrap it as [draft].")
-        if len(drafts) < 1:
-            raise ValueError("`drafts` is empty: hf_eu needs at least one draft model (3 or more recommended).")
+        _check_drafts_argument(drafts)
         if any(draft is target for draft in drafts) or proxy is target:
             raise ValueError("A draft or the proxy is the target object itself; pass separate (smaller) models.")
         parts = {f"draft {k}": draft for k, draft in enumerate(drafts)}
@@ -340,11 +337,15 @@ def _name_of(reference: Any) -> str | None:
     return getattr(getattr(reference, "config", None), "_name_or_path", None) or None
 
 
-def _load_parts(target: nn.Module, drafts: Sequence[Any], proxy: Any) -> tuple[list[nn.Module], nn.Module | None]:
+def _check_drafts_argument(drafts: Any) -> None:
     if isinstance(drafts, (str, os.PathLike, nn.Module)) or not isinstance(drafts, Sequence):
         raise TypeError(f"`drafts` must be a list, got {type(drafts).__name__}; wrap a single draft as [draft].")
     if len(drafts) < 1:
         raise ValueError("`drafts` is empty: hf_eu needs at least one draft model (3 or more recommended).")
+
+
+def _load_parts(target: nn.Module, drafts: Sequence[Any], proxy: Any) -> tuple[list[nn.Module], nn.Module | None]:
+    _check_drafts_argument(drafts)  # before anything is loaded
     device = _device_of(target)
     kwargs = {"dtype": getattr(target, "dtype", None)}
     draft_models = [load_causal_lm(d, role=f"draft {k}", **kwargs).to(device) for k, d in enumerate(drafts)]

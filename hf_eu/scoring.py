@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .estimators import Estimator
+from .loading import output_vocab_size
 from .outputs import UncertaintyOutput
 
 __all__ = ["score_tokens", "DEFAULT_MAX_CHUNK_ELEMENTS"]
@@ -117,7 +118,7 @@ def score_tokens(
     roles = _select_models(estimator, drafts, proxy, target)
     # One runner per distinct model: the target may serve as reference and as target; run it once.
     runners = {id(m): _ChunkedForward(m, input_ids, attention_mask, position_ids) for ms in roles.values() for m in ms}
-    vocab_size = _vocab_size(next(iter(roles.values()))[0])
+    vocab_size = output_vocab_size(next(iter(roles.values()))[0])
     chunk_size = chunk_size or _auto_chunk_size(len(runners), batch_size, vocab_size, max_chunk_elements)
 
     num_new = seq_len - prompt_length
@@ -172,10 +173,3 @@ def _chunk_logps(
         per_model = [logps[id(m)] for m in models]
         arguments[f"{role}_logps"] = torch.stack(per_model) if role == "draft" else per_model[0]  # (K, N, V) | (N, V)
     return arguments
-
-
-def _vocab_size(model: nn.Module) -> int:
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None and hasattr(head, "weight"):
-        return head.weight.shape[0]
-    return model.config.get_text_config().vocab_size
