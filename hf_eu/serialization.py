@@ -158,7 +158,7 @@ def _load_adapter(path: str, target: nn.Module | None) -> nn.Module:
             raise ValueError("this adapter sits on the target's own layers, so the target is needed to rebuild it")
         from .truncation import truncated_copy
 
-        base = truncated_copy(target, int(spec["num_layers"]))
+        base = truncated_copy(target, int(spec["num_layers"]), share_embeddings=True)  # adapters never touch them
     elif spec.get("kind") == "pretrained":
         base = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], use_safetensors=True)
     else:

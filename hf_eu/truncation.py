@@ -26,13 +26,16 @@ def _num_layers_key(config) -> str:
     raise ValueError(f"Cannot tell how many layers a {type(config).__name__} has; truncate it by hand.")
 
 
-def truncated_copy(model: nn.Module, num_layers: int, dtype: torch.dtype | None = None) -> nn.Module:
+def truncated_copy(model: nn.Module, num_layers: int, dtype: torch.dtype | None = None,
+                   share_embeddings: bool = False) -> nn.Module:
     """A copy of `model` keeping only its first `num_layers` decoder layers (plus embedding, norm, head).
 
     Args:
         model: a loaded causal LM (`PreTrainedModel`).
         num_layers: layers to keep, in [1, number of layers of `model`].
         dtype: dtype of the copy (default: the model's).
+        share_embeddings: use `model`'s own input embedding and output head modules instead of copies
+            (saves their memory; only for inference, or training that keeps them frozen).
     """
     config = copy.deepcopy(model.config)
     key = _num_layers_key(config)
@@ -49,6 +52,9 @@ def truncated_copy(model: nn.Module, num_layers: int, dtype: torch.dtype | None 
     if missing or unexpected:
         raise ValueError(f"Truncating {type(model).__name__} left weights unmatched (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]}); this architecture is not supported by truncated_copy.")
+    if share_embeddings and (dtype is None or dtype == model.dtype):
+        draft.set_input_embeddings(model.get_input_embeddings())
+        draft.set_output_embeddings(model.get_output_embeddings())
     draft.generation_config = copy.deepcopy(model.generation_config)
     # Marks the copy so a composite can store an adapter on it without its weights (see serialization).
     draft.config.hf_eu_target_layers = num_layers

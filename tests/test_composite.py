@@ -262,8 +262,13 @@ def test_lora_drafts_on_the_targets_layers_store_only_adapters(tmp_path, target,
     files = {os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs}
     assert "drafts/draft_0/adapter_model.safetensors" in files
     assert not any(f.endswith("model.safetensors") and "adapter" not in f for f in files), files
+    target_before = {name: p.detach().clone() for name, p in target.named_parameters()}
     reloaded = UncertaintyAwareModelForCausalLM.from_pretrained(folder, target=target)
     assert_close(eu_of(reloaded, batch).epistemic_uncertainty, eu_of(model, batch).epistemic_uncertainty)
+    base = reloaded.drafts[0].get_base_model()
+    assert base.get_input_embeddings() is target.get_input_embeddings()  # shared, not copied
+    assert base.get_output_embeddings() is target.get_output_embeddings()
+    assert all(torch.equal(p, target_before[n]) for n, p in target.named_parameters()), "merging touched the target"
     reloaded.save_pretrained(tmp_path / "again")  # loaded adapters are merged for speed and still save as adapters
     again = UncertaintyAwareModelForCausalLM.from_pretrained(tmp_path / "again", target=target)
     assert_close(eu_of(again, batch).epistemic_uncertainty, eu_of(model, batch).epistemic_uncertainty)
