@@ -32,8 +32,13 @@ def test_sequences_identical_to_target(eu_model, target, batch, args, return_dic
     beam = args.get("num_beams", 1) > 1
     assert isinstance(got, UncertaintyGenerateBeamOutput if beam else UncertaintyGenerateOutput)
     assert isinstance(got, GenerateBeamDecoderOnlyOutput if beam else GenerateDecoderOnlyOutput)
-    new = got.sequences.shape[1] - batch["input_ids"].shape[1]
-    assert got.epistemic_uncertainty.shape == (got.sequences.shape[0], new)
+    # EU of every returned row (beams, several samples per prompt) equals a teacher-forced pass over it
+    prompt_length = batch["input_ids"].shape[1]
+    prompt_mask = batch["attention_mask"].repeat_interleave(got.sequences.shape[0] // batch["input_ids"].shape[0], 0)
+    mask = torch.cat([prompt_mask, torch.ones_like(got.sequences[:, prompt_length:])], dim=1)
+    scored = eu_model.estimate_uncertainty(got.sequences, attention_mask=mask, prompt_length=prompt_length)
+    assert_close(got.epistemic_uncertainty, scored.epistemic_uncertainty * got.uncertainty_mask)
+    assert (got.epistemic_uncertainty[got.uncertainty_mask] > 0).all()
 
 
 def test_single_prompt_equals_its_row_in_a_left_padded_batch(eu_model, batch):
