@@ -178,20 +178,21 @@ def main(argv: list[str] | None = None) -> None:
     # ------------------------------------------------------------ 1-2. data
     questions = _questions(args)
     responses_dir = os.path.join(args.work_dir, "responses")
+    prompts = [q["question"] for q in questions]
+    sampling = dict(num_responses=args.num_responses, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k_logprobs=args.top_k_logprobs, seed=args.seed,
+                    batch_size=args.batch_size, output_dir=responses_dir)
+    sampled = {}
 
     def sample():
-        responses = generate_responses(target, tokenizer, [q["question"] for q in questions],
-                                       num_responses=args.num_responses, max_new_tokens=args.max_new_tokens,
-                                       temperature=args.temperature, top_k_logprobs=args.top_k_logprobs,
-                                       seed=args.seed, batch_size=args.batch_size, output_dir=responses_dir)
+        sampled["responses"] = responses = generate_responses(target, tokenizer, prompts, **sampling)
         return {"questions": len(questions), "responses": len(responses), "response_tokens": int(sum(
             len(ids) - p for ids, p in zip(responses["input_ids"], responses["prompt_length"])))}
 
     log["data"] = _stage(responses_dir, sample)
-    responses = generate_responses(target, tokenizer, [q["question"] for q in questions],  # reads the shards
-                                   num_responses=args.num_responses, max_new_tokens=args.max_new_tokens,
-                                   temperature=args.temperature, top_k_logprobs=args.top_k_logprobs, seed=args.seed,
-                                   batch_size=args.batch_size, output_dir=responses_dir, show_progress=False)
+    # a stage finished by an earlier run: read its shards (generate_responses resumes, generating nothing)
+    responses = sampled.get("responses") or generate_responses(target, tokenizer, prompts, **sampling,
+                                                               show_progress=False)
     groups, slots = parse_scheme(args.partition_scheme)
     data = partition_dataset(responses, groups, slots, seed=args.seed)
 
