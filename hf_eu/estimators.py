@@ -9,7 +9,12 @@ Inputs an estimator may declare:
 - ``"reference"``: `reference_logps` `(N, vocab_size)`, the proxy when the composite has one, else
   the target (the "no OSD" fallback of DESIGN.md §1);
 - ``"target"``: `target_logps` `(N, vocab_size)`, always the target;
-- ``"token_ids"``: `token_ids` `(N,)`, the token actually at each position.
+- ``"token_ids"``: `token_ids` `(N,)`, the token actually at each position;
+- ``"perturbed"``: `perturbed_logps` `(M, N, vocab_size)` from M seeded low-rank Gaussian perturbations
+  of the target (`perturbation.py`); M is the entry's `num_perturbed`. Costs M target passes.
+- ``"student"``: a Gaussian-distilled student (DESIGN.md §1, seed 002): `student_logits` `(N, vocab_size)`
+  (its mean member) and `student_factor_logits` `(q, N, vocab_size)` (each latent factor mapped to logits).
+- ``"calibrator"``: `calibrator`, the fitted `EUCalibrator` stored with the composite.
 
 All formulas come from `divergences.py`; this module only combines them.
 """
@@ -31,9 +36,14 @@ __all__ = [
     "register_estimator",
     "get_estimator",
     "list_estimators",
+    "perturbed_ensemble_estimator",
+    "CALIBRATION_FEATURES",
 ]
 
-ESTIMATOR_INPUTS = frozenset({"drafts", "reference", "target", "token_ids"})
+# Per-token features `hf_eu_calibrated` reads, in this order.
+CALIBRATION_FEATURES = ("draft_jsd", "bias", "proxy_entropy", "target_entropy")
+
+ESTIMATOR_INPUTS = frozenset({"drafts", "reference", "target", "token_ids", "perturbed", "student", "calibrator"})
 
 
 @dataclass(frozen=True)
@@ -53,52 +63,59 @@ class EstimatorOutput:
 
 @dataclass(frozen=True)
 class Estimator:
-    """A registered estimator: its name, the inputs it reads and its function."""
+    """A registered estimator: its name, the inputs it reads and its function.
+
+    `num_perturbed` is the number M of perturbed target passes an estimator reading ``"perturbed"``
+    needs; `max_drafts` limits how many of the composite's drafts are run (None: all of them).
+    """
 
     name: str
     fn: Callable[..., EstimatorOutput]
     inputs: frozenset[str]
     description: str
+    num_perturbed: int = 0
+    max_drafts: int | None = None
 
-    def __call__(
-        self,
-        *,
-        draft_logps: torch.Tensor | None = None,
-        reference_logps: torch.Tensor | None = None,
-        target_logps: torch.Tensor | None = None,
-        token_ids: torch.Tensor | None = None,
-    ) -> EstimatorOutput:
-        given = {"draft_logps": draft_logps, "reference_logps": reference_logps, "target_logps": target_logps,
-                 "token_ids": token_ids}
-        arguments = {_ARGUMENT_NAMES[name]: given[_ARGUMENT_NAMES[name]] for name in self.inputs}
-        missing = sorted(name for name, value in arguments.items() if value is None)
+    def __call__(self, **given) -> EstimatorOutput:
+        """Call the function with the arguments of the declared inputs (extra keyword arguments are ignored)."""
+        names = [argument for name in sorted(self.inputs) for argument in _ARGUMENT_NAMES[name]]
+        missing = [name for name in names if given.get(name) is None]
         if missing:
             raise ValueError(f"Estimator '{self.name}' needs {missing}, which were not given.")
-        return self.fn(**arguments)
+        return self.fn(**{name: given[name] for name in names})
 
 
-# Declared input -> argument name of the estimator function.
-_ARGUMENT_NAMES = {"drafts": "draft_logps", "reference": "reference_logps", "target": "target_logps",
-                   "token_ids": "token_ids"}
+# Declared input -> argument names of the estimator function.
+_ARGUMENT_NAMES = {"drafts": ("draft_logps",), "reference": ("reference_logps",), "target": ("target_logps",),
+                   "token_ids": ("token_ids",), "perturbed": ("perturbed_logps",),
+                   "student": ("student_logits", "student_factor_logits"), "calibrator": ("calibrator",)}
 
 
 _REGISTRY: dict[str, Estimator] = {}
 
 
-def register_estimator(name: str, *, inputs: set[str], description: str) -> Callable:
+def register_estimator(name: str, *, inputs: set[str], description: str, num_perturbed: int = 0,
+                       max_drafts: int | None = None) -> Callable:
     """Decorator registering `fn(**inputs) -> EstimatorOutput` under `name`.
 
-    Argument names of `fn` are the declared inputs, with `_logps` appended for log-prob inputs
-    (`draft_logps`, `reference_logps`, `target_logps`) and `token_ids` as is.
+    Argument names of `fn` follow the declared inputs (see the module docstring): `draft_logps`,
+    `reference_logps`, `target_logps`, `token_ids`, `perturbed_logps`, `student_logits` +
+    `student_factor_logits`, `calibrator`. An entry reading ``"perturbed"`` must set `num_perturbed` ≥ 1.
     """
     unknown = set(inputs) - ESTIMATOR_INPUTS
     if unknown:
         raise ValueError(f"Unknown estimator inputs {sorted(unknown)}; choose from {sorted(ESTIMATOR_INPUTS)}.")
+    if ("perturbed" in inputs) != (num_perturbed >= 1):
+        raise ValueError(f"Estimator '{name}': `num_perturbed` must be ≥ 1 exactly when it reads 'perturbed' "
+                         f"(inputs {sorted(inputs)}, num_perturbed={num_perturbed}).")
+    if max_drafts is not None and max_drafts < 1:
+        raise ValueError(f"Estimator '{name}': `max_drafts` must be None or ≥ 1, got {max_drafts}.")
 
     def decorator(fn: Callable[..., EstimatorOutput]) -> Callable[..., EstimatorOutput]:
         if name in _REGISTRY:
             raise ValueError(f"An estimator named '{name}' is already registered; pick another name.")
-        _REGISTRY[name] = Estimator(name=name, fn=fn, inputs=frozenset(inputs), description=description)
+        _REGISTRY[name] = Estimator(name=name, fn=fn, inputs=frozenset(inputs), description=description,
+                                    num_perturbed=num_perturbed, max_drafts=max_drafts)
         return fn
 
     return decorator
@@ -176,3 +193,68 @@ def max_prob(target_logps: torch.Tensor) -> EstimatorOutput:
 def neg_logprob(target_logps: torch.Tensor, token_ids: torch.Tensor) -> EstimatorOutput:
     """−log p_T(x_t) for the observed token x_t."""
     return EstimatorOutput(score=-target_logps.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1))
+
+
+@register_estimator(
+    "hf_eu_idd",
+    inputs={"drafts", "reference"},
+    description="hf_eu on drafts trained on identical data (IDD ablation): run it on a composite of IDD drafts.",
+)
+def hf_eu_idd(draft_logps: torch.Tensor, reference_logps: torch.Tensor) -> EstimatorOutput:
+    """The `hf_eu` formula; the name records that the composite's drafts are IDD drafts (e.g.
+    `hf_eu.defaults.IDD_COMPOSITE_DIR`), the paper's baseline that data-diverse drafts must beat."""
+    return _variance_plus_bias(draft_logps, reference_logps)
+
+
+@register_estimator(
+    "hf_eu_k2",
+    inputs={"drafts", "reference"},
+    description="hf_eu with the first two drafts only (K = 2 ablation).",
+    max_drafts=2,
+)
+def hf_eu_k2(draft_logps: torch.Tensor, reference_logps: torch.Tensor) -> EstimatorOutput:
+    """The `hf_eu` formula over drafts 0 and 1 (scoring runs only those)."""
+    return _variance_plus_bias(draft_logps[:2], reference_logps)
+
+
+def _perturbation_mutual_information(perturbed_logps: torch.Tensor) -> EstimatorOutput:
+    """MI = H((1/M) Σ_m p_m) − (1/M) Σ_m H(p_m) = JSD of the M perturbed targets (DESIGN.md §1)."""
+    information = jsd(perturbed_logps, dim=0)  # (N,)
+    return EstimatorOutput(score=information, variance=information)
+
+
+def perturbed_ensemble_estimator(num_perturbed: int, name: str | None = None) -> Estimator:
+    """An unregistered estimator: the mutual information of `num_perturbed` perturbed copies of the target.
+
+    With a large M (default evaluation: 16, on seeds disjoint from TokUR's) this is the ground-truth EU of
+    DESIGN.md §1; with M = 4 or 8 it is the TokUR baseline (`tokur_m4`, `tokur_m8`).
+    """
+    if not isinstance(num_perturbed, int) or num_perturbed < 2:
+        raise ValueError(f"`num_perturbed` must be an integer ≥ 2 (mutual information needs two members), "
+                         f"got {num_perturbed!r}.")
+    return Estimator(name=name or f"perturbed_mi_m{num_perturbed}", fn=_perturbation_mutual_information,
+                     inputs=frozenset({"perturbed"}), description=f"MI of {num_perturbed} perturbed targets.",
+                     num_perturbed=num_perturbed)
+
+
+for _m in (4, 8):
+    register_estimator(
+        f"tokur_m{_m}",
+        inputs={"perturbed"},
+        description=f"TokUR-style mutual information of {_m} low-rank Gaussian perturbations of the target "
+                    f"({_m} extra target passes per token).",
+        num_perturbed=_m,
+    )(_perturbation_mutual_information)
+
+
+@register_estimator(
+    "hf_eu_calibrated",
+    inputs={"drafts", "reference", "target", "calibrator"},
+    description="A regressor fitted to ground-truth EU from draft JSD, bias, proxy and target entropy.",
+)
+def hf_eu_calibrated(draft_logps: torch.Tensor, reference_logps: torch.Tensor, target_logps: torch.Tensor,
+                     calibrator) -> EstimatorOutput:
+    """calibrator(JSD, KL(q̄ ‖ p_φ), H(p_φ), H(p_T)) ≥ 0, fitted on questions disjoint from any scored ones."""
+    parts = _variance_plus_bias(draft_logps, reference_logps)
+    features = torch.stack([parts.variance, parts.bias, entropy(reference_logps), entropy(target_logps)], -1)  # (N, 4)
+    return EstimatorOutput(score=calibrator(features), variance=parts.variance, bias=parts.bias)

@@ -15,6 +15,8 @@ This module does not decode: transformers' `generate` does that; this runs after
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
+from typing import Any
 
 import torch
 from torch import nn
@@ -22,6 +24,7 @@ from torch import nn
 from .estimators import Estimator
 from .loading import output_vocab_size
 from .outputs import UncertaintyOutput
+from .perturbation import LowRankGaussianPerturbation
 
 __all__ = ["score_tokens", "DEFAULT_MAX_CHUNK_ELEMENTS"]
 
@@ -35,36 +38,45 @@ def _logps(logits: torch.Tensor) -> torch.Tensor:
 
 
 class _ChunkedForward:
-    """One model fed a sequence chunk by chunk through its own KV cache."""
+    """One model fed a sequence chunk by chunk through its own KV cache.
+
+    With a `perturbation` and `seed`, every forward runs inside `perturbation.apply(seed)`: the runner
+    is then one perturbed copy of the model (weights restored after each chunk), with its own cache.
+    """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 position_ids: torch.Tensor):
+                 position_ids: torch.Tensor, perturbation: LowRankGaussianPerturbation | None = None,
+                 seed: int | None = None):
         self.model = model
         device = model.device if hasattr(model, "device") else input_ids.device
         self.input_ids = input_ids.to(device)
         self.attention_mask = attention_mask.to(device)
         self.position_ids = position_ids.to(device)
+        self.perturbation = perturbation
+        self.seed = seed
         self.cache = None
 
-    def _forward(self, start: int, end: int, **kwargs) -> torch.Tensor:
-        output = self.model(
-            input_ids=self.input_ids[:, start:end],
-            attention_mask=self.attention_mask[:, :end],
-            position_ids=self.position_ids[:, start:end],
-            past_key_values=self.cache,
-            use_cache=True,
-            **kwargs,
-        )
+    def _forward(self, start: int, end: int, **kwargs):
+        context = self.perturbation.apply(self.seed) if self.perturbation is not None else nullcontext()
+        with context:
+            output = self.model(
+                input_ids=self.input_ids[:, start:end],
+                attention_mask=self.attention_mask[:, :end],
+                position_ids=self.position_ids[:, start:end],
+                past_key_values=self.cache,
+                use_cache=True,
+                **kwargs,
+            )
         self.cache = output.past_key_values
-        return output.logits
+        return output
 
     def prefill(self, end: int) -> None:
         """Feed positions [0, end) into the cache, computing logits at the last position only."""
         if end > 0:
             self._forward(0, end, logits_to_keep=1)
 
-    def logits(self, start: int, end: int) -> torch.Tensor:
-        """Logits (B, end - start, V) at positions [start, end), which must follow what was fed."""
+    def outputs(self, start: int, end: int):
+        """The model's output at positions [start, end) (logits `(B, end - start, V)`), which must follow what was fed."""
         return self._forward(start, end)
 
 
@@ -84,6 +96,10 @@ def score_tokens(
     uncertainty_mask: torch.Tensor | None = None,
     chunk_size: int | None = None,
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
+    perturbation: LowRankGaussianPerturbation | None = None,
+    perturbation_seeds: Sequence[int] | None = None,
+    student: nn.Module | None = None,
+    calibrator: Any = None,
 ) -> UncertaintyOutput:
     """Per-token uncertainty of `input_ids[:, prompt_length:]` given everything before each token.
 
@@ -97,6 +113,11 @@ def score_tokens(
             `attention_mask[:, prompt_length:]`. Scores are 0 where it is False.
         chunk_size: positions per chunk; None derives it from `max_chunk_elements`.
         max_chunk_elements: bound on the floats of one chunk of log-probs across all models.
+        perturbation: for estimators reading ``"perturbed"``: the target's perturbation (default: a
+            `LowRankGaussianPerturbation(target)` with DESIGN.md's defaults).
+        perturbation_seeds: one seed per perturbed copy (default `0 … M-1`); at least `num_perturbed`.
+        student: the Gaussian-distilled student, for estimators reading ``"student"``.
+        calibrator: the fitted calibrator, for estimators reading ``"calibrator"``.
 
     Returns:
         `UncertaintyOutput` whose tensors have shape `(batch_size, seq_len - prompt_length)`.
@@ -115,11 +136,16 @@ def score_tokens(
         uncertainty_mask = attention_mask[:, prompt_length:].bool()
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, L), as generate builds them
 
-    roles = _select_models(estimator, drafts, proxy, target)
-    # One runner per distinct model: the target may serve as reference and as target; run it once.
-    runners = {id(m): _ChunkedForward(m, input_ids, attention_mask, position_ids) for ms in roles.values() for m in ms}
-    vocab_size = output_vocab_size(next(iter(roles.values()))[0])
-    chunk_size = chunk_size or _auto_chunk_size(len(runners), batch_size, vocab_size, max_chunk_elements)
+    roles = _select_models(estimator, drafts, proxy, target, student, perturbation, perturbation_seeds)
+    if "calibrator" in estimator.inputs and calibrator is None:
+        raise ValueError(f"Estimator '{estimator.name}' needs a fitted calibrator, and this composite has none. "
+                         "Load a composite saved with one (the shipped default has it) or pick another estimator.")
+    # One runner per distinct (model, perturbation seed): the target may serve as reference and as target.
+    runners = {key: _ChunkedForward(model, input_ids, attention_mask, position_ids, *noise)
+               for members in roles.values() for key, model, noise in members}
+    vocab_size = output_vocab_size(target)
+    rows = len(runners) + (getattr(student, "num_factors", 0) if "student" in roles else 0)
+    chunk_size = chunk_size or _auto_chunk_size(rows, batch_size, vocab_size, max_chunk_elements)
 
     num_new = seq_len - prompt_length
     results: dict[str, torch.Tensor] = {}
@@ -129,7 +155,9 @@ def score_tokens(
         for start in range(prompt_length - 1, seq_len - 1, chunk_size):
             end = min(start + chunk_size, seq_len - 1)
             token_ids = input_ids[:, start + 1 : end + 1]  # (B, C): the tokens these logits predict
-            output = estimator(**_chunk_logps(roles, runners, start, end), token_ids=token_ids.flatten())
+            arguments = _chunk_arguments(roles, runners, start, end)
+            output = estimator(**arguments, token_ids=token_ids.flatten().to(_first_device(runners)),
+                               calibrator=calibrator)
             for name in ("score", "variance", "bias"):
                 value = getattr(output, name)
                 if value is not None:
@@ -146,30 +174,70 @@ def score_tokens(
     )
 
 
+# A role's members: (runner key, model, (perturbation, seed) or ()).
+_Members = list[tuple[Any, nn.Module, tuple]]
+
+
 def _select_models(
-    estimator: Estimator, drafts: Sequence[nn.Module], proxy: nn.Module | None, target: nn.Module
-) -> dict[str, list[nn.Module]]:
+    estimator: Estimator, drafts: Sequence[nn.Module], proxy: nn.Module | None, target: nn.Module,
+    student: nn.Module | None, perturbation: LowRankGaussianPerturbation | None, seeds: Sequence[int] | None,
+) -> dict[str, _Members]:
     """The models to run, by role, for what `estimator` reads."""
-    selected: dict[str, list[nn.Module]] = {}
+    selected: dict[str, _Members] = {}
     if "drafts" in estimator.inputs:
-        selected["draft"] = list(drafts)
+        chosen = list(drafts)[: estimator.max_drafts] if estimator.max_drafts else list(drafts)
+        if estimator.max_drafts and len(chosen) < estimator.max_drafts:
+            raise ValueError(f"Estimator '{estimator.name}' uses {estimator.max_drafts} drafts; the composite has "
+                             f"{len(chosen)}. Add drafts or pick another estimator.")
+        selected["draft"] = [(id(m), m, ()) for m in chosen]
     if "reference" in estimator.inputs:
-        selected["reference"] = [proxy if proxy is not None else target]
+        reference = proxy if proxy is not None else target
+        selected["reference"] = [(id(reference), reference, ())]
     if "target" in estimator.inputs:
-        selected["target"] = [target]
+        selected["target"] = [(id(target), target, ())]
+    if "perturbed" in estimator.inputs:
+        selected["perturbed"] = _perturbed_members(estimator, target, perturbation, seeds)
+    if "student" in estimator.inputs:
+        if student is None:
+            raise ValueError(f"Estimator '{estimator.name}' reads a Gaussian-distilled student, and this composite "
+                             "has none. Attach one (`student=`) or pick another estimator.")
+        selected["student"] = [(id(student), student, ())]
     if not selected:
         raise ValueError(f"Estimator '{estimator.name}' reads no model output; nothing to score.")
     return selected
 
 
-def _chunk_logps(
-    roles: dict[str, list[nn.Module]], runners: dict[int, _ChunkedForward], start: int, end: int
-) -> dict[str, torch.Tensor]:
-    """Log-probs of every role's models at positions [start, end), as estimator arguments."""
-    device = next(iter(runners.values())).input_ids.device  # combine on the first model's device
-    logps = {key: _logps(runner.logits(start, end)).to(device) for key, runner in runners.items()}  # (B*C, V)
+def _perturbed_members(estimator: Estimator, target: nn.Module, perturbation: LowRankGaussianPerturbation | None,
+                       seeds: Sequence[int] | None) -> _Members:
+    count = estimator.num_perturbed
+    seeds = list(range(count)) if seeds is None else list(seeds)
+    if len(seeds) < count or len(set(seeds[:count])) < count:
+        raise ValueError(f"Estimator '{estimator.name}' needs {count} distinct perturbation seeds, got {seeds}.")
+    perturbation = perturbation if perturbation is not None else LowRankGaussianPerturbation(target)
+    if perturbation.model is not target:
+        raise ValueError("`perturbation` was built for another model than this target; build it with "
+                         "`LowRankGaussianPerturbation(target, ...)`.")
+    return [(("perturbed", seed), target, (perturbation, seed)) for seed in seeds[:count]]
+
+
+def _first_device(runners: dict[Any, _ChunkedForward]) -> torch.device:
+    return next(iter(runners.values())).input_ids.device
+
+
+def _chunk_arguments(roles: dict[str, _Members], runners: dict[Any, _ChunkedForward], start: int,
+                     end: int) -> dict[str, torch.Tensor]:
+    """Every role's outputs at positions [start, end), as estimator arguments, on the first model's device."""
+    device = _first_device(runners)
+    outputs = {key: runner.outputs(start, end) for key, runner in runners.items()}
     arguments = {}
-    for role, models in roles.items():
-        per_model = [logps[id(m)] for m in models]
-        arguments[f"{role}_logps"] = torch.stack(per_model) if role == "draft" else per_model[0]  # (K, N, V) | (N, V)
+    for role, members in roles.items():
+        if role == "student":
+            student_output = outputs[members[0][0]]
+            arguments["student_logits"] = student_output.logits.float().flatten(0, 1).to(device)  # (B*C, V)
+            factor_logits = student_output.factor_logits.float()  # (B, C, q, V)
+            arguments["student_factor_logits"] = factor_logits.flatten(0, 1).transpose(0, 1).to(device)  # (q, B*C, V)
+            continue
+        per_model = [_logps(outputs[key].logits).to(device) for key, _, _ in members]  # each (B*C, V)
+        single = role in ("reference", "target")
+        arguments[f"{role}_logps"] = per_model[0] if single else torch.stack(per_model)  # (N, V) | (K, N, V)
     return arguments
