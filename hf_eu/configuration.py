@@ -31,6 +31,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         target_revision (`str`, *optional*): the target's revision (branch, tag or commit).
         num_drafts (`int`): number of draft models K (≥ 1).
         has_proxy (`bool`): whether a proxy is stored; without one the bias uses the target.
+        has_calibrator (`bool`): whether a fitted `EUCalibrator` (estimator `hf_eu_calibrated`) is stored.
         estimator (`str`): name of the registered estimator `generate` uses (default `"hf_eu"`).
         chunk_size (`int`, *optional*): positions scored per chunk; None picks it from a memory budget.
         vocab_size (`int`, *optional*): size of the shared output vocabulary.
@@ -49,6 +50,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         target_revision: str | None = None,
         num_drafts: int = 1,
         has_proxy: bool = False,
+        has_calibrator: bool = False,
         estimator: str = "hf_eu",
         chunk_size: int | None = None,
         vocab_size: int | None = None,
@@ -65,6 +67,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         self.target_revision = target_revision
         self.num_drafts = num_drafts
         self.has_proxy = has_proxy
+        self.has_calibrator = has_calibrator
         self.estimator = estimator
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size

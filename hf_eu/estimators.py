@@ -179,6 +179,16 @@ def target_entropy(target_logps: torch.Tensor) -> EstimatorOutput:
     return EstimatorOutput(score=entropy(target_logps))
 
 
+@register_estimator(
+    "proxy_entropy",
+    inputs={"reference"},
+    description="Predictive entropy of the proxy (≈ the BMA's total uncertainty); the target's without a proxy.",
+)
+def proxy_entropy(reference_logps: torch.Tensor) -> EstimatorOutput:
+    """H(p_φ) at each position."""
+    return EstimatorOutput(score=entropy(reference_logps))
+
+
 @register_estimator("max_prob", inputs={"target"}, description="1 − the target's largest token probability.")
 def max_prob(target_logps: torch.Tensor) -> EstimatorOutput:
     """1 − max_v p_T(v) at each position."""

@@ -14,7 +14,7 @@ This module does not decode: transformers' `generate` does that; this runs after
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -26,7 +26,7 @@ from .loading import output_vocab_size
 from .outputs import UncertaintyOutput
 from .perturbation import LowRankGaussianPerturbation
 
-__all__ = ["score_tokens", "DEFAULT_MAX_CHUNK_ELEMENTS"]
+__all__ = ["score_tokens", "score_tokens_many", "DEFAULT_MAX_CHUNK_ELEMENTS"]
 
 # Budget for one chunk of log-probs across all models: 2**25 float32 = 128 MiB.
 DEFAULT_MAX_CHUNK_ELEMENTS = 2**25
@@ -84,8 +84,23 @@ def _auto_chunk_size(num_models: int, batch_size: int, vocab_size: int, max_elem
     return max(1, max_elements // max(1, num_models * batch_size * vocab_size))
 
 
-def score_tokens(
-    estimator: Estimator,
+def score_tokens(estimator: Estimator, input_ids: torch.Tensor, prompt_length: int, **kwargs) -> UncertaintyOutput:
+    """Per-token uncertainty of `input_ids[:, prompt_length:]` given everything before each token.
+
+    Args:
+        estimator: a registered estimator (see `estimators.get_estimator`).
+        input_ids: `(batch_size, seq_len)` token ids, prompt (left padding allowed) then answer.
+        prompt_length: number of leading columns not scored (≥ 1; the first token has no prediction).
+        **kwargs: the models and options of `score_tokens_many` (`drafts`, `proxy`, `target`, …).
+
+    Returns:
+        `UncertaintyOutput` whose tensors have shape `(batch_size, seq_len - prompt_length)`.
+    """
+    return score_tokens_many([estimator], input_ids, prompt_length, **kwargs)[estimator.name]
+
+
+def score_tokens_many(
+    estimators: Sequence[Estimator],
     input_ids: torch.Tensor,
     prompt_length: int,
     *,
@@ -97,17 +112,16 @@ def score_tokens(
     chunk_size: int | None = None,
     max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS,
     perturbation: LowRankGaussianPerturbation | None = None,
-    perturbation_seeds: Sequence[int] | None = None,
+    perturbation_seeds: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     student: nn.Module | None = None,
     calibrator: Any = None,
-) -> UncertaintyOutput:
-    """Per-token uncertainty of `input_ids[:, prompt_length:]` given everything before each token.
+) -> dict[str, UncertaintyOutput]:
+    """Several estimators in one teacher-forced pass: each model (or perturbed copy) runs once for all.
 
     Args:
-        estimator: a registered estimator (see `estimators.get_estimator`).
-        input_ids: `(batch_size, seq_len)` token ids, prompt (left padding allowed) then answer.
-        prompt_length: number of leading columns not scored (≥ 1; the first token has no prediction).
-        drafts, proxy, target: the composite's models; only those the estimator needs are run.
+        estimators: registered (or `perturbed_ensemble_estimator`) estimators with distinct names.
+        input_ids, prompt_length: as for `score_tokens`.
+        drafts, proxy, target: the composite's models; only those some estimator needs are run.
         attention_mask: `(batch_size, seq_len)`, 0 on padding; None means no padding.
         uncertainty_mask: `(batch_size, seq_len - prompt_length)` bool of tokens to report; defaults to
             `attention_mask[:, prompt_length:]`. Scores are 0 where it is False.
@@ -115,12 +129,14 @@ def score_tokens(
         max_chunk_elements: bound on the floats of one chunk of log-probs across all models.
         perturbation: for estimators reading ``"perturbed"``: the target's perturbation (default: a
             `LowRankGaussianPerturbation(target)` with DESIGN.md's defaults).
-        perturbation_seeds: one seed per perturbed copy (default `0 … M-1`); at least `num_perturbed`.
+        perturbation_seeds: seeds of the perturbed copies (default `0 … M-1`); an estimator uses the
+            first `num_perturbed`; a mapping gives each estimator name its own list. Estimators that
+            share a seed share that copy's pass.
         student: the Gaussian-distilled student, for estimators reading ``"student"``.
         calibrator: the fitted calibrator, for estimators reading ``"calibrator"``.
 
     Returns:
-        `UncertaintyOutput` whose tensors have shape `(batch_size, seq_len - prompt_length)`.
+        `{estimator name: UncertaintyOutput}`, tensors of shape `(batch_size, seq_len - prompt_length)`.
     """
     batch_size, seq_len = input_ids.shape
     if not 1 <= prompt_length < seq_len:
@@ -130,48 +146,61 @@ def score_tokens(
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"`chunk_size` must be ≥ 1 or None, got {chunk_size}.")
+    if len({e.name for e in estimators}) != len(estimators):
+        raise ValueError(f"Estimator names must be distinct, got {[e.name for e in estimators]}.")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if uncertainty_mask is None:
         uncertainty_mask = attention_mask[:, prompt_length:].bool()
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # (B, L), as generate builds them
 
-    roles = _select_models(estimator, drafts, proxy, target, student, perturbation, perturbation_seeds)
-    if "calibrator" in estimator.inputs and calibrator is None:
-        raise ValueError(f"Estimator '{estimator.name}' needs a fitted calibrator, and this composite has none. "
-                         "Load a composite saved with one (the shipped default has it) or pick another estimator.")
+    perturbation = perturbation if perturbation is not None or not any(
+        "perturbed" in e.inputs for e in estimators) else LowRankGaussianPerturbation(target)
+    roles = {}
+    for estimator in estimators:
+        seeds = perturbation_seeds.get(estimator.name) if isinstance(perturbation_seeds, Mapping) else perturbation_seeds
+        roles[estimator.name] = _select_models(estimator, drafts, proxy, target, student, perturbation, seeds)
+        if "calibrator" in estimator.inputs and calibrator is None:
+            raise ValueError(f"Estimator '{estimator.name}' needs a fitted calibrator, and this composite has none. "
+                             "Load a composite saved with one (the shipped default has it) or pick another estimator.")
     # One runner per distinct (model, perturbation seed): the target may serve as reference and as target.
     runners = {key: _ChunkedForward(model, input_ids, attention_mask, position_ids, *noise)
-               for members in roles.values() for key, model, noise in members}
-    vocab_size = output_vocab_size(target)
-    rows = len(runners) + (getattr(student, "num_factors", 0) if "student" in roles else 0)
-    chunk_size = chunk_size or _auto_chunk_size(rows, batch_size, vocab_size, max_chunk_elements)
+               for estimator_roles in roles.values() for members in estimator_roles.values()
+               for key, model, noise in members}
+    rows = len(runners) + (getattr(student, "num_factors", 0) if student is not None else 0)
+    chunk_size = chunk_size or _auto_chunk_size(rows, batch_size, output_vocab_size(target), max_chunk_elements)
 
     num_new = seq_len - prompt_length
-    results: dict[str, torch.Tensor] = {}
+    results: dict[str, dict[str, torch.Tensor]] = {e.name: {} for e in estimators}
     with torch.no_grad():
         for runner in runners.values():
             runner.prefill(prompt_length - 1)
         for start in range(prompt_length - 1, seq_len - 1, chunk_size):
             end = min(start + chunk_size, seq_len - 1)
-            token_ids = input_ids[:, start + 1 : end + 1]  # (B, C): the tokens these logits predict
-            arguments = _chunk_arguments(roles, runners, start, end)
-            output = estimator(**arguments, token_ids=token_ids.flatten().to(_first_device(runners)),
-                               calibrator=calibrator)
-            for name in ("score", "variance", "bias"):
-                value = getattr(output, name)
-                if value is not None:
-                    column = start - (prompt_length - 1)
-                    out = results.setdefault(name, torch.zeros(batch_size, num_new, dtype=torch.float32))
-                    out[:, column : column + end - start] = value.view(batch_size, end - start).float().cpu()
+            token_ids = input_ids[:, start + 1 : end + 1].flatten().to(_first_device(runners))  # (B*C,) predicted
+            outputs = {key: runner.outputs(start, end) for key, runner in runners.items()}
+            for estimator in estimators:
+                arguments = _chunk_arguments(roles[estimator.name], outputs, _first_device(runners))
+                output = estimator(**arguments, token_ids=token_ids, calibrator=calibrator)
+                _store(results[estimator.name], output, start - (prompt_length - 1), batch_size, num_new)
     mask = uncertainty_mask.to(torch.bool).cpu()
-    masked = {name: torch.where(mask, value, torch.zeros_like(value)) for name, value in results.items()}
-    return UncertaintyOutput(
-        epistemic_uncertainty=masked["score"],
-        eu_variance=masked.get("variance"),
-        eu_bias=masked.get("bias"),
-        uncertainty_mask=mask,
-    )
+    return {name: _masked_output(values, mask) for name, values in results.items()}
+
+
+def _store(results: dict[str, torch.Tensor], output, column: int, batch_size: int, num_new: int) -> None:
+    """Write a chunk's `(B*C,)` values into `(B, num_new)` tensors at `column`."""
+    for name in ("score", "variance", "bias"):
+        value = getattr(output, name)
+        if value is not None:
+            out = results.setdefault(name, torch.zeros(batch_size, num_new, dtype=torch.float32))
+            width = value.numel() // batch_size
+            out[:, column : column + width] = value.view(batch_size, width).float().cpu()
+
+
+def _masked_output(values: dict[str, torch.Tensor], mask: torch.Tensor) -> UncertaintyOutput:
+    masked = {name: torch.where(mask, value, torch.zeros_like(value)) for name, value in values.items()}
+    return UncertaintyOutput(epistemic_uncertainty=masked["score"], eu_variance=masked.get("variance"),
+                             eu_bias=masked.get("bias"), uncertainty_mask=mask)
 
 
 # A role's members: (runner key, model, (perturbation, seed) or ()).
@@ -224,11 +253,8 @@ def _first_device(runners: dict[Any, _ChunkedForward]) -> torch.device:
     return next(iter(runners.values())).input_ids.device
 
 
-def _chunk_arguments(roles: dict[str, _Members], runners: dict[Any, _ChunkedForward], start: int,
-                     end: int) -> dict[str, torch.Tensor]:
-    """Every role's outputs at positions [start, end), as estimator arguments, on the first model's device."""
-    device = _first_device(runners)
-    outputs = {key: runner.outputs(start, end) for key, runner in runners.items()}
+def _chunk_arguments(roles: dict[str, _Members], outputs: dict[Any, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """Every role's outputs at this chunk's positions, as estimator arguments, on the first model's device."""
     arguments = {}
     for role, members in roles.items():
         if role == "student":

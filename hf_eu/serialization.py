@@ -8,6 +8,7 @@ Layout of a saved composite (the target's weights are never written; the config 
       drafts/draft_0/        config.json + model.safetensors (+ generation_config.json)
       drafts/draft_1/ …
       proxy/                 same, when the composite has a proxy
+      calibrator/            the fitted `EUCalibrator` of `hf_eu_calibrated`, when the composite has one
 
 A draft or proxy that is a peft model is stored as its active adapter only (adapter_config.json +
 adapter_model.safetensors) plus `hf_eu_adapter_base.json`, which says how to rebuild its base: the
@@ -31,10 +32,11 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from .calibration import CALIBRATOR_FOLDER, EUCalibrator
 from .configuration import CONFIG_NAME, UncertaintyAwareConfig, load_composite_config
 from .model_card import render_model_card
 
-__all__ = ["save_composite", "load_composite_parts", "draft_folder", "PROXY_FOLDER", "ADAPTER_BASE_FILE"]
+__all__ = ["save_composite", "load_composite_parts", "load_calibrator", "draft_folder", "PROXY_FOLDER", "ADAPTER_BASE_FILE"]
 
 PROXY_FOLDER = "proxy"
 ADAPTER_BASE_FILE = "hf_eu_adapter_base.json"
@@ -94,8 +96,9 @@ def save_composite(
     drafts: Sequence[nn.Module],
     proxy: nn.Module | None,
     repo_id: str | None = None,
+    calibrator: EUCalibrator | None = None,
 ) -> None:
-    """Write config, drafts, proxy and model card to `folder` atomically (replacing an existing one)."""
+    """Write config, drafts, proxy, calibrator and model card to `folder` atomically (replacing an existing one)."""
     folder = os.path.abspath(os.fspath(folder))
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
@@ -106,6 +109,9 @@ def save_composite(
             _save_model(draft, os.path.join(staging, draft_folder(index)), f"draft {index}", dtype)
         if proxy is not None:
             _save_model(proxy, os.path.join(staging, PROXY_FOLDER), "proxy", dtype)
+        config.has_calibrator = calibrator is not None
+        if calibrator is not None:
+            calibrator.save(os.path.join(staging, CALIBRATOR_FOLDER))
         render_model_card(config, repo_id=repo_id).save(os.path.join(staging, "README.md"))
         config.to_json_file(os.path.join(staging, CONFIG_NAME), use_diff=True)
         _replace_folder(staging, folder)
@@ -187,3 +193,11 @@ def load_composite_parts(
     drafts = [_load_model(path, f"draft {k}", target, **model_kwargs) for k, path in enumerate(draft_paths)]
     proxy = _load_model(proxy_path, "proxy", target, **model_kwargs) if proxy_path is not None else None
     return config, drafts, proxy
+
+
+def load_calibrator(folder: str | os.PathLike, config: UncertaintyAwareConfig) -> EUCalibrator | None:
+    """The composite's calibrator, or None when it has none; a config that promises one it lacks is an error."""
+    path = os.path.join(os.fspath(folder), CALIBRATOR_FOLDER)
+    if getattr(config, "has_calibrator", False) or EUCalibrator.exists(path):
+        return EUCalibrator.load(path)
+    return None

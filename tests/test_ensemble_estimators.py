@@ -101,3 +101,21 @@ def test_calibrated_estimator_without_calibrator_is_a_clear_error(target, drafts
     with pytest.raises(ValueError, match="needs a fitted calibrator"):
         score_tokens(get_estimator("hf_eu_calibrated"), batch["input_ids"], 2, drafts=drafts, proxy=proxy,
                      target=target)
+
+
+def test_many_estimators_in_one_pass_equal_separate_passes(target, drafts, proxy, batch):
+    from hf_eu.scoring import score_tokens_many
+
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    truth = perturbed_ensemble_estimator(5, "ground_truth")
+    names = ["hf_eu", "hf_eu_k2", "entropy", "neg_logprob", "tokur_m4"]
+    chosen = [get_estimator(n) for n in names] + [truth]
+    seeds = {"ground_truth": range(5), "tokur_m4": [50, 51, 52, 53]}
+    many = score_tokens_many(chosen, ids, 2, drafts=drafts, proxy=proxy, target=target, attention_mask=mask,
+                             perturbation_seeds=seeds, chunk_size=3)
+    for estimator in chosen:
+        alone = score_tokens(estimator, ids, 2, drafts=drafts, proxy=proxy, target=target, attention_mask=mask,
+                             perturbation_seeds=seeds.get(estimator.name))
+        assert_close(many[estimator.name].epistemic_uncertainty, alone.epistemic_uncertainty, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="distinct"):
+        score_tokens_many([truth, truth], ids, 2, drafts=drafts, proxy=proxy, target=target)
