@@ -9,9 +9,12 @@ from .aggregation import aggregate_uncertainty
 from .configuration import UncertaintyAwareConfig
 from .defaults import load_default
 from .estimators import Estimator, EstimatorOutput, get_estimator, list_estimators, register_estimator
+from .incremental import IncrementalScorer
 from .modeling import UncertaintyAwareModelForCausalLM, generated_token_mask
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
 from .scoring import score_tokens
+from .stopping import EUThresholdCriteria
+from .streaming import EUTextIteratorStreamer, EUTextPiece, EUTextStreamer
 from .truncation import truncated_copy
 
 __all__ = [
@@ -31,4 +34,9 @@ __all__ = [
     "get_estimator",
     "list_estimators",
     "register_estimator",
+    "IncrementalScorer",
+    "EUTextIteratorStreamer",
+    "EUTextStreamer",
+    "EUTextPiece",
+    "EUThresholdCriteria",
 ]

@@ -33,6 +33,7 @@ from .loading import (
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
 from .scoring import score_tokens
 from .serialization import load_composite_parts, save_composite
+from .stopping import prepare_eu_criteria, stopped_for_uncertainty
 
 __all__ = ["UncertaintyAwareModelForCausalLM"]
 
@@ -199,6 +200,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
                              "or leave `return_dict_in_generate` unset to get the tokens alone.")
         if assistant_draft is not None:
             self._attach_assistant(kwargs, assistant_draft, input_ids)
+        eu_criteria = prepare_eu_criteria(kwargs, input_ids, generation_config)
         output = self.target.generate(inputs, **kwargs)
         if not return_dict:
             return output
@@ -212,7 +214,9 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
                                        kwargs.get("pad_token_id", generation_config.pad_token_id))
         output_class = (UncertaintyGenerateBeamOutput if isinstance(output, GenerateBeamDecoderOnlyOutput)
                         else UncertaintyGenerateOutput)
-        return output_class(**dict(output), **dict(scores))
+        stopped = {"stopped_for_uncertainty": stopped_for_uncertainty(eu_criteria, scores.uncertainty_mask)
+                   } if eu_criteria else {}  # which rows an EUThresholdCriteria stopped
+        return output_class(**dict(output), **dict(scores), **stopped)
 
     def _attach_assistant(self, kwargs: dict, assistant_draft: int, input_ids: torch.Tensor | None) -> None:
         if not isinstance(assistant_draft, int) or not 0 <= assistant_draft < len(self.drafts):

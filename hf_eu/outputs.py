@@ -44,17 +44,25 @@ class UncertaintyOutput(ModelOutput):
     uncertainty_mask: torch.BoolTensor | None = None
 
 
+_STOPPED_DOC = """
+        stopped_for_uncertainty (`torch.BoolTensor` of shape `(batch_size,)`, *optional*):
+            True for rows that an `EUThresholdCriteria` in `stopping_criteria` stopped because their
+            running EU crossed its threshold (the crossing token is kept as the row's last real token).
+            Returned when `stopping_criteria` holds an `EUThresholdCriteria`; None otherwise."""
+
+
 @dataclass
 class UncertaintyGenerateOutput(GenerateDecoderOnlyOutput):
     __doc__ = (
         "`GenerateDecoderOnlyOutput` (sequences, scores, logits, attentions, hidden_states, "
-        "past_key_values: unchanged) plus per-token uncertainty.\n\n    Args:" + _FIELDS_DOC
+        "past_key_values: unchanged) plus per-token uncertainty.\n\n    Args:" + _FIELDS_DOC + _STOPPED_DOC
     )
 
     epistemic_uncertainty: torch.FloatTensor | None = None
     eu_variance: torch.FloatTensor | None = None
     eu_bias: torch.FloatTensor | None = None
     uncertainty_mask: torch.BoolTensor | None = None
+    stopped_for_uncertainty: torch.BoolTensor | None = None
 
 
 @dataclass
