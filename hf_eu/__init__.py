@@ -6,6 +6,7 @@ Swap `AutoModelForCausalLM` for `UncertaintyAwareModelForCausalLM`, attach draft
 
 from ._version import __version__
 from .aggregation import aggregate_uncertainty
+from .auto import UncertaintyTextGenerationPipeline, register_auto_classes
 from .configuration import UncertaintyAwareConfig
 from .defaults import load_default
 from .estimators import Estimator, EstimatorOutput, get_estimator, list_estimators, register_estimator
@@ -16,6 +17,8 @@ from .scoring import score_tokens
 from .stopping import EUThresholdCriteria
 from .streaming import EUTextIteratorStreamer, EUTextPiece, EUTextStreamer
 from .truncation import truncated_copy
+
+register_auto_classes()  # AutoConfig, AutoModelForCausalLM and the pipeline task know hf_eu
 
 __all__ = [
     "__version__",
@@ -34,6 +37,8 @@ __all__ = [
     "get_estimator",
     "list_estimators",
     "register_estimator",
+    "register_auto_classes",
+    "UncertaintyTextGenerationPipeline",
     "IncrementalScorer",
     "EUTextIteratorStreamer",
     "EUTextStreamer",

@@ -49,6 +49,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
     """
 
     config_class = UncertaintyAwareConfig
+    input_modalities = "text"  # read by transformers' pipelines
+    output_modalities = "text"
 
     def __init__(
         self,
@@ -91,6 +93,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         target: Any = None,
         estimator: str | None = None,
         chunk_size: int | None = None,
+        config: UncertaintyAwareConfig | None = None,
         **target_kwargs,
     ) -> UncertaintyAwareModelForCausalLM:
         """Load a composite.
@@ -104,9 +107,15 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             target: with a saved composite, the target to use instead of the recorded id (id, folder or model).
             estimator: registered estimator name to compute (default: the config's, `"hf_eu"`).
             chunk_size: positions scored per chunk (default: derived from a 128 MiB budget).
+            config: with a saved composite, the `UncertaintyAwareConfig` to use instead of its config.json
+                (what `AutoModelForCausalLM.from_pretrained` passes; the stored file is still checked).
             **target_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the target (`dtype`,
                 `device_map`, `quantization_config`, `revision`, …).
         """
+        _drop_loader_bookkeeping(target_kwargs)
+        if config is not None and not isinstance(config, UncertaintyAwareConfig):
+            raise TypeError(f"`config` must be an UncertaintyAwareConfig, got {type(config).__name__}; load the "
+                            "composite's own with `AutoConfig.from_pretrained(folder)` or leave it out.")
         revision = target_kwargs.get("revision")
         if is_composite(pretrained_model_name_or_path, revision=revision):
             if drafts is not None or proxy is not None:
@@ -114,7 +123,11 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
                     f"{pretrained_model_name_or_path!r} is a saved composite that brings its own drafts and proxy; "
                     "do not pass `drafts=`/`proxy=` with it (use `target=` to replace the target)."
                 )
-            return cls._from_composite(pretrained_model_name_or_path, target, estimator, chunk_size, target_kwargs)
+            return cls._from_composite(pretrained_model_name_or_path, target, estimator, chunk_size, target_kwargs,
+                                       config)
+        if config is not None:
+            raise ValueError("`config=` is only for loading a saved composite; with a target and drafts the config "
+                             "is built from `estimator=`/`chunk_size=`.")
         if target is not None:
             raise ValueError("`target=` is only for loading a saved composite; pass the target as the first argument.")
         if drafts is None:
@@ -136,9 +149,10 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         return cls(target_model, draft_models, proxy_model, config=config)
 
     @classmethod
-    def _from_composite(cls, reference, target, estimator, chunk_size, target_kwargs):
+    def _from_composite(cls, reference, target, estimator, chunk_size, target_kwargs, config=None):
         folder = _composite_folder(reference, target_kwargs.pop("revision", None))  # the composite's revision
-        config = load_composite_config(folder)
+        stored_config = load_composite_config(folder)  # version and key checks, also when `config` is given
+        config = stored_config if config is None else config
         if target is None:
             if not config.target_name_or_path:
                 raise ValueError(f"The composite in {folder!r} records no target; pass `target=` (id, folder or model).")
@@ -167,6 +181,16 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
     @property
     def generation_config(self):
         return self.target.generation_config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The target's dtype (drafts and proxy may use another)."""
+        return getattr(self.target, "dtype", None) or next(self.target.parameters()).dtype
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """True: transformers' generation pipelines ask before calling `generate`."""
+        return True
 
     def forward(self, *args, **kwargs):
         """The target's forward, unchanged."""
@@ -339,6 +363,16 @@ def _name_of(reference: Any) -> str | None:
     if isinstance(reference, (str, os.PathLike)):
         return os.fspath(reference)
     return getattr(getattr(reference, "config", None), "_name_or_path", None) or None
+
+
+def _drop_loader_bookkeeping(kwargs: dict) -> None:
+    """Remove what `AutoModelForCausalLM` and `pipeline` add for themselves; refuse remote code."""
+    for key in ("_from_auto", "_from_pipeline", "adapter_kwargs"):
+        kwargs.pop(key, None)
+    if kwargs.pop("trust_remote_code", None):
+        raise ValueError("`trust_remote_code=True` was passed, but hf_eu loads composites and their parts without "
+                         "remote code; drop the argument (a target that needs remote code: load it yourself and pass "
+                         "it as `target=`).")
 
 
 def _check_drafts_argument(drafts: Any) -> None:
