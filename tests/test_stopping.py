@@ -6,16 +6,22 @@ tokens: stopping one row does not change another's), with a plain loop over each
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 from conftest import EOS_ID, PAD_ID
+from test_streaming import tokenizer  # noqa: F401  (fixture: a byte-level tokenizer over the tiny vocabulary)
 from transformers import StoppingCriteriaList
 
 from hf_eu import EUThresholdCriteria
 
 MAX_NEW = 10
+RECIPE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "abstain_chat.py")
 
 
 def _expected_stops(eu, new_tokens, mask, threshold, window, aggregate, min_new_tokens):
@@ -153,3 +159,32 @@ def test_bad_arguments_are_refused_naming_the_value(eu_model, kwargs, match):
 def test_beam_search_is_refused(eu_model, batch):
     with pytest.raises(ValueError, match="num_beams=2"):
         eu_model.generate(**batch, num_beams=2, max_new_tokens=3, stopping_criteria=[EUThresholdCriteria(eu_model, 1.0)])
+
+
+def _recipe():
+    spec = importlib.util.spec_from_file_location("abstain_chat", RECIPE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("threshold,abstains", [(0.0, True), (1e6, False)])
+def test_recipe_abstains_exactly_when_the_criterion_stopped(eu_model, tokenizer, threshold, abstains):  # noqa: F811
+    recipe = _recipe()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    messages = [{"role": "user", "content": "abc"}]
+    result = recipe.answer(eu_model, tokenizer, messages, EUThresholdCriteria(eu_model, threshold), max_new_tokens=6)
+    assert result["stopped"] is abstains
+    assert (result["reply"] == recipe.ABSTENTION) is abstains
+    assert result["mean_eu"] > 0
+
+
+@pytest.mark.slow
+def test_recipe_runs_on_the_default_model():
+    completed = subprocess.run([sys.executable, RECIPE, "--question", "What is 2+3?", "--max-new-tokens", "24"],
+                               capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    assert "User: What is 2+3?" in completed.stdout
+    reply = completed.stdout.split("Assistant: ")[1].splitlines()[0]
+    assert "5" in reply, completed.stdout  # greedy: "2 + 3 = 5"; its running EU (≈ 4 nats) stays below 9.5
+    assert "[answered; mean EU" in completed.stdout
