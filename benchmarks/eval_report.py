@@ -1,0 +1,174 @@
+"""Turn per-token values into `results.json`, a Markdown table laid out like the paper's, and plots.
+
+Records (exact keys other code reads): `estimators` (one per estimator and set: `name`, `set`, `rmse`,
+`pearson`, `spearman`, `auroc`, `auprc`, `prr`, `flops_ratio`, `time_ratio`, plus intervals and the other
+aggregations), `detectors` (one per set and feature group: `set`, `features` = `confidence` or
+`confidence+hf_eu`, `auroc_mean`, `auroc_std`), `command`, `machine`, `n_questions`, `target_accuracy`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from benchmarks.eval_metrics import AGGREGATES, detection, detector_auroc, estimation_error, sequence_scores
+
+__all__ = ["build_results", "markdown_table", "make_plots", "AFFINE_BASELINES", "ABLATIONS"]
+
+AFFINE_BASELINES = ("entropy", "max_prob", "neg_logprob", "proxy_entropy")  # not EU: compared after an affine fit
+ABLATIONS = ("hf_eu_variance_only", "hf_eu_no_osd", "hf_eu_idd", "hf_eu_k2")
+CHEAP = ("entropy", "max_prob", "neg_logprob")
+_CONFIDENCE = [("neg_logprob", "sum"), ("neg_logprob", "mean"), ("neg_logprob", "max"), ("entropy", "mean"),
+               ("entropy", "max"), ("max_prob", "mean"), ("max_prob", "max")]
+
+
+def _flat(values: list[np.ndarray]) -> np.ndarray:
+    return np.concatenate(values) if values else np.zeros(0)
+
+
+def estimator_record(name: str, set_name: str, scores: dict, calib: dict, wrong: np.ndarray, costs: dict,
+                     bootstrap: int) -> dict:
+    """One row of `estimators`: error against the ground truth, detection by the summed score, cost."""
+    truth, estimate = _flat(scores["ground_truth"]), _flat(scores[name])
+    fit = (_flat(calib[name]), _flat(calib["ground_truth"])) if name in AFFINE_BASELINES else None
+    record = {"name": name, "set": set_name, **estimation_error(estimate, truth, fit), "rmse_affine": None}
+    if name in calib:  # every estimator also after the affine map, for comparison
+        record["rmse_affine"] = estimation_error(estimate, truth, (_flat(calib[name]), _flat(calib["ground_truth"])))["rmse"]
+    record.update(detection(wrong, sequence_scores(scores[name], "sum"), bootstrap=bootstrap))
+    for how in ("mean", "max"):
+        record[f"auroc_{how}"] = detection(wrong, sequence_scores(scores[name], how), bootstrap=0)["auroc"]
+    record.update(flops_ratio=costs["flops_ratio"].get(name), time_ratio=costs["time_ratio"].get(name))
+    return record
+
+
+def _features(scores: dict, pairs) -> np.ndarray:
+    return np.stack([sequence_scores(scores[name], how) for name, how in pairs], axis=1)  # (answers, F)
+
+
+def detector_records(set_name: str, scores: dict, wrong: np.ndarray, seeds: int) -> list[dict]:
+    """Logistic-regression detectors on the target's confidence, without and with hf_eu's aggregated EU."""
+    groups = {"confidence": _CONFIDENCE, "confidence+hf_eu": _CONFIDENCE + [("hf_eu", how) for how in AGGREGATES]}
+    return [{"set": set_name, "features": group, **detector_auroc(_features(scores, pairs), wrong, seeds=seeds)}
+            for group, pairs in groups.items()]
+
+
+def _relative_reduction(records: list[dict], name: str, others: tuple[str, ...], set_name: str) -> dict | None:
+    by_name = {r["name"]: r for r in records if r["set"] == set_name}
+    pool = [(by_name[o]["rmse"], o) for o in others if o in by_name and by_name[o]["rmse"] is not None]
+    if name not in by_name or not pool:
+        return None
+    best_rmse, best = min(pool)
+    return {"best": best, "best_rmse": best_rmse, "rmse": by_name[name]["rmse"],
+            "reduction": round(1 - by_name[name]["rmse"] / best_rmse, 4) if best_rmse else None}
+
+
+def summary(records: list[dict], detectors: list[dict], sets: list[str]) -> dict:
+    """The issue's goals, measured: RMSE reductions, AUROC gap to TokUR M = 8, what EU adds, cost vs TokUR."""
+    out = {}
+    for set_name in sets:
+        by_name = {r["name"]: r for r in records if r["set"] == set_name}
+        det = {d["features"]: d["auroc_mean"] for d in detectors if d["set"] == set_name}
+        gap = (by_name["hf_eu"]["auroc"] - by_name["tokur_m8"]["auroc"]
+               if by_name["hf_eu"]["auroc"] is not None and by_name["tokur_m8"]["auroc"] is not None else None)
+        gain = (det["confidence+hf_eu"] - det["confidence"]
+                if None not in (det.get("confidence"), det.get("confidence+hf_eu")) else None)
+        cost = by_name["hf_eu"]["flops_ratio"] / by_name["tokur_m8"]["flops_ratio"]
+        out[set_name] = {"rmse_vs_best_ablation": _relative_reduction(records, "hf_eu", ABLATIONS, set_name),
+                         "rmse_vs_best_cheap_baseline": _relative_reduction(records, "hf_eu", CHEAP, set_name),
+                         "auroc_minus_tokur_m8": None if gap is None else round(gap, 4),
+                         "detector_gain_from_hf_eu": None if gain is None else round(gain, 4),
+                         "flops_vs_tokur_m8": round(cost, 4)}
+    return out
+
+
+def build_results(sets: dict, calib: dict, names: list[str], costs: dict, bootstrap: int, cv_seeds: int) -> dict:
+    """`sets[name] = {"scores": {...}, "wrong": (n,)}`; `calib` = the calibration set's scores."""
+    records, detectors = [], []
+    for set_name, data in sets.items():
+        for name in names + ["ground_truth"]:
+            records.append(estimator_record(name, set_name, data["scores"], calib, data["wrong"], costs, bootstrap))
+        detectors += detector_records(set_name, data["scores"], data["wrong"], cv_seeds)
+    return {"estimators": records, "detectors": detectors, "summary": summary(records, detectors, list(sets))}
+
+
+def _cell(value, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def markdown_table(results: dict) -> str:
+    """The paper's layout: per set, estimators as rows; RMSE/correlations, detection, cost as columns."""
+    lines = [f"# Evaluation ({results['scale']})", "", f"Command: `{results['command']}`  ", f"Machine: {results['machine']}",
+             ""]
+    for set_name in results["n_questions"]:
+        if set_name == "calib":
+            continue
+        lines += [f"## {set_name}: {results['n_questions'][set_name]} questions, {results['n_tokens'][set_name]} answer "
+                  f"tokens, target accuracy {results['target_accuracy'][set_name]:.1%}", "",
+                  "| estimator | RMSE ↓ | Pearson ↑ | Spearman ↑ | AUROC (sum) ↑ | 95% CI | AUPRC ↑ | PRR ↑ | FLOPs × | time × |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for r in [r for r in results["estimators"] if r["set"] == set_name]:
+            affine = "*" if r["affine"] else ""
+            ci = "–" if not r["auroc_ci"] else f"{_cell(r['auroc_ci'][0], 2)}–{_cell(r['auroc_ci'][1], 2)}"
+            lines.append(f"| {r['name']} | {_cell(r['rmse'], 4)}{affine} | {_cell(r['pearson'])} | {_cell(r['spearman'])} | "
+                         f"{_cell(r['auroc'])} | {ci} | {_cell(r['auprc'])} | {_cell(r['prr'])} | "
+                         f"{_cell(r['flops_ratio'], 2)} | {_cell(r['time_ratio'], 2)} |")
+        lines += ["", "| detector (logistic regression, CV) | AUROC mean ± std |", "|---|---|"]
+        for d in [d for d in results["detectors"] if d["set"] == set_name]:
+            lines.append(f"| {d['features']} | {_cell(d['auroc_mean'])} ± {_cell(d['auroc_std'])} |")
+        lines.append("")
+    lines += ["\\* RMSE after an affine map fitted on the calibration questions (the score is not in nats of EU).",
+              "FLOPs × and time ×: the estimator's teacher-forced scoring per answer token / plain target generation.",
+              ""]
+    return "\n".join(lines)
+
+
+def make_plots(sets: dict, folder: str, tokenizer, names: list[str]) -> list[str]:
+    """ROC curves, EU estimate vs ground truth, and one answer coloured by hf_eu's EU; returns the file paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    from hf_eu.viz import render_html, render_png, token_strings
+
+    paths = []
+    shown = [n for n in ("hf_eu", "tokur_m8", "ground_truth", "hf_eu_calibrated", "gaussian_distill", "neg_logprob",
+                         "entropy") if n in names + ["ground_truth"]]
+    figure, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 5), squeeze=False)
+    for axis, (set_name, data) in zip(axes[0], sets.items()):
+        if data["wrong"].min() != data["wrong"].max():
+            for name in shown:
+                fpr, tpr, _ = roc_curve(data["wrong"], sequence_scores(data["scores"][name], "sum"))
+                axis.plot(fpr, tpr, label=name)
+        axis.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+        axis.set(title=f"{set_name}: detecting wrong answers", xlabel="false positive rate", ylabel="true positive rate")
+        axis.legend(fontsize=8)
+    paths.append(os.path.join(folder, "roc.png"))
+    figure.tight_layout()
+    figure.savefig(paths[-1], dpi=110)
+    plt.close(figure)
+
+    scattered = [n for n in ("hf_eu", "tokur_m8", "hf_eu_calibrated", "gaussian_distill", "hf_eu_no_osd") if n in names]
+    figure, axes = plt.subplots(1, len(scattered), figsize=(4.2 * len(scattered), 4), squeeze=False)
+    for axis, name in zip(axes[0], scattered):
+        truth = np.concatenate([_flat(d["scores"]["ground_truth"]) for d in sets.values()])
+        estimate = np.concatenate([_flat(d["scores"][name]) for d in sets.values()])
+        axis.scatter(truth, estimate, s=3, alpha=0.3)
+        top = max(truth.max(), estimate.max(), 1e-6)
+        axis.plot([0, top], [0, top], "k:", linewidth=0.8)
+        axis.set(title=name, xlabel="ground-truth EU (16 perturbed targets)", ylabel="estimate (nats)")
+    paths.append(os.path.join(folder, "eu_vs_ground_truth.png"))
+    figure.tight_layout()
+    figure.savefig(paths[-1], dpi=110)
+    plt.close(figure)
+
+    set_name, data = next(iter(sets.items()))
+    index = int(np.argmax([len(v) for v in data["scores"]["hf_eu"]][:20]))
+    tokens = token_strings(tokenizer, data["answers"][index]["answer_ids"].tolist())
+    title = f"hf_eu EU per token, {set_name} question {index} ({'right' if not data['wrong'][index] else 'wrong'})"
+    paths.append(os.path.join(folder, "answer_heatmap.png"))
+    render_png(tokens, data["scores"]["hf_eu"][index], paths[-1], title=title)
+    render_html(tokens, data["scores"]["hf_eu"][index], os.path.join(folder, "answer_heatmap.html"), title=title)
+    return paths

@@ -1,0 +1,127 @@
+"""Evaluate hf_eu's uncertainty against the ground truth and its peers: error, detection, cost.
+
+Usage:
+
+    python -m benchmarks.run --scale tiny     # random tiny models, < 1 minute: the pipeline end to end (CI)
+    python -m benchmarks.run --scale small    # SmolLM2-135M-Instruct + shipped defaults, ~60 min on 2 cores
+    python -m benchmarks.run --scale paper --target meta-llama/Llama-3.1-8B-Instruct \\
+        --composite path/to/composite --idd-composite path/to/idd --gsm8k openai/gsm8k   # a GPU recipe
+
+Stages, each cached under `--cache` (default `.bench-cache/<scale>`) so an interrupted run continues where
+it stopped: questions -> greedy answers (timed) -> per-token values of every estimator and of the ground
+truth (N perturbed targets) per batch -> timing of each estimator on the first answers -> metrics.
+Writes `benchmarks/results/<scale>/results.json`, `results.md` and plots (`roc.png`,
+`eu_vs_ground_truth.png`, `answer_heatmap.png`/`.html`). Protocol: DESIGN.md §1; scales and seeds:
+`benchmarks/eval_setup.py`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+
+import numpy as np
+
+from benchmarks.common import command, machine
+from benchmarks.eval_report import build_results, make_plots, markdown_table
+from benchmarks.eval_scoring import (collect_answers, collect_scores, collect_timing, estimator_flops, estimator_names,
+                                     forward_flops)
+from benchmarks.eval_setup import CALIB_SEED, EVAL_SEED, SCALES, build_questions, load_models
+
+__all__ = ["main", "run"]
+
+
+def _parse(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", choices=sorted(SCALES), required=True, help="tiny (CI), small (CPU), paper (GPU)")
+    parser.add_argument("--out", default=None, help="results folder (default benchmarks/results/<scale>)")
+    parser.add_argument("--cache", default=None, help="stage cache for resuming (default .bench-cache/<scale>)")
+    parser.add_argument("--composite", default=None, help="composite folder (default: the shipped SmolLM2 one)")
+    parser.add_argument("--idd-composite", default=None, help="composite of the IDD ablation drafts")
+    parser.add_argument("--target", default=None, help="target id/folder for --scale paper")
+    parser.add_argument("--gsm8k", default=None, help="GSM8K hub id or local file for the gsm set (paper scale)")
+    parser.add_argument("--fresh", action="store_true", help="discard the cache and start over")
+    return parser.parse_args(argv)
+
+
+def _fit_tiny_calibrator(models, calib_scores) -> None:
+    """Tiny scale only (no shipped calibrator): fit one on the calibration set, never on evaluated questions."""
+    from trainers.calibration import fit_calibrator
+
+    columns = [np.concatenate(calib_scores[n]) for n in ("hf_eu_variance", "hf_eu_bias", "proxy_entropy", "entropy")]
+    models.calibrator = fit_calibrator(np.stack(columns, -1), np.concatenate(calib_scores["ground_truth"]),
+                                       hidden_layer_sizes=(4,), info={"fitted_on": "tiny calibration set"})
+
+
+def _costs(models, names, timings, scale) -> dict:
+    target_flops = forward_flops(models.target)
+    flops = {n: round(estimator_flops(models, n, scale) / target_flops, 4) for n in names}
+    flops["ground_truth"] = float(scale.num_perturbed)
+    times = {}
+    for n in names + ["ground_truth"]:
+        per_set = [t[n] / t["generation"] for t in timings.values() if n in t]
+        times[n] = round(float(np.mean(per_set)), 4) if per_set else None
+    return {"flops_ratio": flops, "time_ratio": times}
+
+
+def run(argv=None) -> dict:
+    """Run the evaluation described by the command-line arguments `argv`; returns the results."""
+    args = _parse(argv)
+    scale = SCALES[args.scale]
+    out = args.out or os.path.join("benchmarks", "results", scale.name)
+    cache = args.cache or os.path.join(".bench-cache", scale.name)
+    if args.fresh:
+        shutil.rmtree(cache, ignore_errors=True)
+    models = load_models(scale, args.composite, args.idd_composite, args.target)
+    questions = build_questions(scale, models.excluded_questions, args.gsm8k)
+    names = estimator_names(models)
+    if scale.name == "tiny":
+        names.append("hf_eu_calibrated")  # fitted below on the calibration set
+
+    data, timings = {}, {}
+    for set_name in ["calib"] + [s for s in questions if s != "calib"]:
+        folder = os.path.join(cache, set_name)
+        answers = collect_answers(models, questions[set_name], scale, set_name, folder)
+        set_names = [n for n in names if n != "hf_eu_calibrated" or models.calibrator is not None]
+        scores = collect_scores(models, answers, scale, folder, set_names)
+        if set_name == "calib" and models.calibrator is None and scale.name == "tiny":
+            _fit_tiny_calibrator(models, scores)
+        wrong = np.array([not a["correct"] for a in answers], dtype=float)
+        if scale.name == "tiny":  # random models are never right: alternate labels so detection code runs (plumbing only)
+            wrong = np.arange(len(answers)) % 2.0
+        data[set_name] = {"answers": answers, "scores": scores, "wrong": wrong}
+        if set_name != "calib":
+            timings[set_name] = collect_timing(models, answers, scale, folder, names)
+
+    evaluated = {k: v for k, v in data.items() if k != "calib"}
+    results = {"scale": scale.name, "command": command("benchmarks.run"), "machine": machine(),
+               "composite": models.composite,
+               "n_questions": {k: len(v["answers"]) for k, v in data.items()},
+               "n_tokens": {k: int(sum(len(a["answer_ids"]) for a in v["answers"])) for k, v in data.items()},
+               "target_accuracy": {k: round(float(1 - v["wrong"].mean()), 4) for k, v in data.items()},
+               "seeds": {"evaluation_questions": EVAL_SEED, "calibration_questions": CALIB_SEED,
+                         "drafts_and_proxy_training_questions": "1000+k", "shipped_calibrator_questions": 1500,
+                         "ground_truth_perturbations": f"0..{scale.num_perturbed - 1}",
+                         "tokur_perturbations": "10000..10007 (M=4: the first four)"},
+               "ground_truth": {"num_perturbed": scale.num_perturbed, **scale.perturbation},
+               "max_new_tokens": scale.max_new_tokens}
+    results.update(build_results(evaluated, data["calib"]["scores"], names, _costs(models, names, timings, scale),
+                                 scale.bootstrap, scale.cv_seeds))
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "results.json"), "w") as handle:
+        json.dump(results, handle, indent=1)
+    with open(os.path.join(out, "results.md"), "w") as handle:
+        handle.write(markdown_table(results))
+    make_plots(evaluated, out, models.tokenizer, names)
+    print(markdown_table(results))
+    return results
+
+
+def main() -> None:
+    run()
+
+
+if __name__ == "__main__":
+    main()
