@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test test-fast bench-overhead train-defaults clean
+.PHONY: setup demo test test-fast bench-overhead bench-eval bench-eval-tiny fit-calibrator train-defaults clean
 
 setup: $(VENV)/.installed
 
@@ -29,6 +29,17 @@ test-fast: setup
 
 bench-overhead: setup
 	$(BIN)/python -m benchmarks.overhead
+
+# The evaluation of DESIGN.md §1 on SmolLM2 + the shipped defaults (about 60 minutes on 2 CPU cores; resumable).
+bench-eval: setup
+	$(BIN)/python -m benchmarks.run --scale small
+
+bench-eval-tiny: setup
+	$(BIN)/python -m benchmarks.run --scale tiny
+
+# Refits hf_eu_calibrated's regressor of the shipped composite (about 15 minutes; needs no other stage).
+fit-calibrator: setup
+	$(BIN)/python -m trainers.fit_calibrator
 
 clean:
 	rm -rf $(VENV) build *.egg-info
