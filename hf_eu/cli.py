@@ -18,6 +18,7 @@ import argparse
 import importlib
 import json
 import sys
+import textwrap
 from typing import Any
 
 from .aggregation import aggregate_uncertainty
@@ -32,8 +33,20 @@ _TRAINERS = {
 }
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    """Keeps the examples' line breaks and shows every default."""
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the descriptions' line breaks (see `_paragraphs`) and shows the defaults that say something."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.option_strings and not (action.default is None or action.default is False
+                                          or action.default == argparse.SUPPRESS):
+            text += " (default: %(default)s)"
+        return text
+
+
+def _paragraphs(*texts: str) -> str:
+    """Description text: each paragraph wrapped to 100 columns, a blank line between paragraphs."""
+    return "\n\n".join(textwrap.fill(text, 100, break_on_hyphens=False) for text in texts)
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,12 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     """The `hf-eu` argument parser with its three subcommands."""
     parser = argparse.ArgumentParser(prog="hf-eu", description=__doc__, formatter_class=_HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True, metavar="{generate,score,train}")
+    _add_generate_command(commands)
+    _add_score_command(commands)
+    _add_train_command(commands)
+    return parser
 
+
+def _add_generate_command(commands) -> None:
     generate = commands.add_parser(
         "generate", formatter_class=_HelpFormatter, help="answer a question, tokens coloured by epistemic uncertainty",
-        description="Answer QUESTION with the composite's target (its own `generate`) and show each generated "
-                    "token coloured by its epistemic uncertainty (nats; darker = the model knows less), then the "
-                    "answer's sum / mean / max EU.",
+        description=_paragraphs("Answer QUESTION with the composite's target (its own `generate`) and show each "
+                                "generated token coloured by its epistemic uncertainty (nats; darker = the model "
+                                "knows less), then the answer's sum / mean / max EU."),
         epilog='example: hf-eu generate "What is 17 * 23?" --max-new-tokens 32 --html answer.html')
     generate.add_argument("question", help="the question or prompt text")
     _add_model_arguments(generate)
@@ -75,17 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--png", metavar="PATH", help="also write a PNG heatmap of the answer")
     generate.set_defaults(handler=_generate)
 
+
+def _add_score_command(commands) -> None:
     score = commands.add_parser(
         "score", formatter_class=_HelpFormatter, help="teacher-forced per-token EU for prompt/answer pairs in a JSONL",
-        description="Score given answers: for each line of INPUT (a JSON object with a prompt and an answer), the "
-                    "per-token EU of the answer's tokens given the prompt, by one teacher-forced pass of drafts and "
-                    "proxy. OUT gets every input row plus tokens, token_ids, epistemic_uncertainty, eu_variance, "
-                    "eu_bias and eu_sum/eu_mean/eu_max, in input order.\n\n"
-                    "Resumable: finished batches go to OUT.parts/; run the same command again after an interruption "
-                    "and only the missing rows are scored. OUT appears only once complete.\n"
-                    "Several processes: run it unchanged under `accelerate launch --multi_gpu --num_processes N -m "
-                    "hf_eu.cli score ...` (also on CPU-only machines, where the processes use gloo); process p scores "
-                    "rows p, p+N, ... and the main process merges them in input order.",
+        description=_paragraphs(
+            "Score given answers: for each line of INPUT (a JSON object with a prompt and an answer), the per-token "
+            "EU of the answer's tokens given the prompt, by one teacher-forced pass of drafts and proxy. OUT gets "
+            "every input row plus tokens, token_ids, epistemic_uncertainty, eu_variance, eu_bias and "
+            "eu_sum/eu_mean/eu_max, in input order. A malformed line stops the run before anything is scored.",
+            "Resumable: finished batches go to OUT.parts/; run the same command again after an interruption and "
+            "only the missing rows are scored. OUT appears only once complete.",
+            "Several processes: run it unchanged under `accelerate launch --multi_gpu --num_processes N -m hf_eu.cli "
+            "score ...` (also on CPU-only machines, where the processes use gloo); process p scores rows p, p+N, ... "
+            "and the main process merges them in input order."),
         epilog="example: hf-eu score pairs.jsonl --out scored.jsonl --prompt-field question --batch-size 16")
     score.add_argument("input", help="JSONL file, one object per line")
     score.add_argument("--out", required=True, help="JSONL file to write")
@@ -102,18 +124,19 @@ def build_parser() -> argparse.ArgumentParser:
                                                            "launched with --multi_gpu then talk over gloo)")
     score.set_defaults(handler=_score)
 
+
+def _add_train_command(commands) -> None:
     train = commands.add_parser(
         "train", formatter_class=_HelpFormatter, help="run a training script of the `trainers` package",
         description="Run one of the training scripts with the remaining arguments passed through unchanged:\n" +
                     "\n".join(f"  {name:9s} {module}: {about}" for name, (module, about) in _TRAINERS.items()) +
-                    "\n\nEach script's own options: hf-eu train METHOD --help. Several processes: "
-                    "accelerate launch --multi_gpu --num_processes N -m hf_eu.cli train METHOD ... (on CPU add "
-                    "the script's --use_cpu True).",
+                    "\n\n" + _paragraphs("Each script's own options: hf-eu train METHOD --help. Several processes: "
+                                         "accelerate launch --multi_gpu --num_processes N -m hf_eu.cli train METHOD "
+                                         "... (on CPU add the script's --use_cpu True)."),
         epilog="example: hf-eu train osd --dataset_path responses/ --output_dir proxy --max_steps 100")
     train.add_argument("method", choices=sorted(_TRAINERS), help="which training script to run")
     train.add_argument("args", nargs=argparse.REMAINDER, help="arguments for that script (see its --help)")
     train.set_defaults(handler=_train)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

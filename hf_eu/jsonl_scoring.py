@@ -206,6 +206,20 @@ def _score_batch(model, tokenizer, rows: list[dict], encoded: list[tuple[list[in
     return scored
 
 
+def _prepare_parts_folder(output_path: str, overwrite: bool, state, fingerprint: dict[str, Any]) -> str:
+    """The parts folder of `output_path`, emptied first with `overwrite`, checked against `fingerprint`."""
+    folder = parts_folder(output_path)
+    if os.path.exists(output_path) and not overwrite:
+        raise ValueError(f"Output {output_path!r} already exists; pass --overwrite (overwrite=True) to score again, "
+                         "or choose another --out.")
+    if overwrite and state.is_main_process and os.path.isdir(folder):
+        shutil.rmtree(folder)
+    state.wait_for_everyone()  # nobody reads the parts folder before the main process cleared it
+    os.makedirs(folder, exist_ok=True)
+    _check_fingerprint(folder, fingerprint)
+    return folder
+
+
 def _merge(folder: str, output_path: str, num_rows: int) -> None:
     done = _read_parts(folder)
     missing = sorted(set(range(num_rows)) - set(done))
@@ -247,36 +261,26 @@ def score_jsonl(model, tokenizer, input_path: str | os.PathLike, output_path: st
     numbered = _read_numbered(input_path, prompt_field, answer_field)
     rows = [row for _, row in numbered]
     state = state or process_state()
-    folder = parts_folder(output_path)
-    if os.path.exists(output_path) and not overwrite:
-        raise ValueError(f"Output {output_path!r} already exists; pass --overwrite (overwrite=True) to score again, "
-                         "or choose another --out.")
-    if overwrite and state.is_main_process and os.path.isdir(folder):
-        shutil.rmtree(folder)
-    state.wait_for_everyone()  # nobody reads the parts folder before the main process cleared it
-    os.makedirs(folder, exist_ok=True)
     settings = {"prompt_field": prompt_field, "answer_field": answer_field, "estimator": estimator or
                 model.config.estimator, "chat_template": chat_template, "target": model.config.target_name_or_path}
-    _check_fingerprint(folder, _fingerprint(input_path, settings))
-
+    folder = _prepare_parts_folder(output_path, overwrite, state, _fingerprint(input_path, settings))
     done = _read_parts(folder)
     mine = [i for i in range(state.process_index, len(rows), state.num_processes)]
     todo = [i for i in mine if i not in done]
     # Every process tokenizes every pending row, so a bad row stops all of them before any scoring.
     encoded = {i: _encode(tokenizer, rows[i][prompt_field], rows[i][answer_field], chat_template,
                           f"{input_path}, line {numbered[i][0]}") for i in range(len(rows)) if i not in done}
-    bar = tqdm(total=len(mine), initial=len(mine) - len(todo), unit="row", disable=not (progress and
-               state.is_main_process), desc=f"scoring (process {state.process_index + 1}/{state.num_processes})")
-    with _open_part(folder, state.process_index) as part, torch.no_grad():
+    with tqdm(total=len(mine), initial=len(mine) - len(todo), unit="row", disable=not (progress and
+              state.is_main_process), desc=f"scoring (process {state.process_index + 1}/{state.num_processes})"
+              ) as bar, _open_part(folder, state.process_index) as part, torch.no_grad():
         for start in range(0, len(todo), batch_size):
             indexes = todo[start : start + batch_size]
             scored = _score_batch(model, tokenizer, [rows[i] for i in indexes], [encoded[i] for i in indexes],
                                   estimator)
-            for index, row in zip(indexes, scored):
-                part.write(json.dumps({"index": index, "row": row}, ensure_ascii=False) + "\n")
-            part.flush()
+            part.writelines(json.dumps({"index": i, "row": row}, ensure_ascii=False) + "\n"
+                            for i, row in zip(indexes, scored))
+            part.flush()  # a finished batch survives an interruption
             bar.update(len(indexes))
-    bar.close()
     print(f"hf-eu score: process {state.process_index + 1}/{state.num_processes} scored {len(todo)} rows "
           f"({len(mine) - len(todo)} were already done)", file=sys.stderr)
     state.wait_for_everyone()
