@@ -10,6 +10,7 @@ from .auto import UncertaintyTextGenerationPipeline, register_auto_classes
 from .configuration import UncertaintyAwareConfig
 from .defaults import load_default
 from .estimators import Estimator, EstimatorOutput, get_estimator, list_estimators, register_estimator
+from .gaussian import GaussianStudentForCausalLM
 from .incremental import IncrementalScorer
 from .modeling import UncertaintyAwareModelForCausalLM, generated_token_mask
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
@@ -44,4 +45,5 @@ __all__ = [
     "EUTextStreamer",
     "EUTextPiece",
     "EUThresholdCriteria",
+    "GaussianStudentForCausalLM",
 ]

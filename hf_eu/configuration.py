@@ -32,6 +32,10 @@ class UncertaintyAwareConfig(PretrainedConfig):
         num_drafts (`int`): number of draft models K (≥ 1).
         has_proxy (`bool`): whether a proxy is stored; without one the bias uses the target.
         has_calibrator (`bool`): whether a fitted `EUCalibrator` (estimator `hf_eu_calibrated`) is stored.
+        has_student (`bool`): whether a Gaussian-distilled student (estimators `gaussian_distill*`) is stored.
+        student (`dict`, *optional*): the student's settings: its head's shapes (`hidden_size`,
+            `num_factors`, `intermediate_size`) and `backbone` (`{"kind": "target"}`: the target itself,
+            nothing stored; `{"kind": "saved"}`: stored under `student/backbone/`).
         estimator (`str`): name of the registered estimator `generate` uses (default `"hf_eu"`).
         chunk_size (`int`, *optional*): positions scored per chunk; None picks it from a memory budget.
         vocab_size (`int`, *optional*): size of the shared output vocabulary.
@@ -51,6 +55,8 @@ class UncertaintyAwareConfig(PretrainedConfig):
         num_drafts: int = 1,
         has_proxy: bool = False,
         has_calibrator: bool = False,
+        has_student: bool = False,
+        student: dict[str, Any] | None = None,
         estimator: str = "hf_eu",
         chunk_size: int | None = None,
         vocab_size: int | None = None,
@@ -68,6 +74,8 @@ class UncertaintyAwareConfig(PretrainedConfig):
         self.num_drafts = num_drafts
         self.has_proxy = has_proxy
         self.has_calibrator = has_calibrator
+        self.has_student = has_student
+        self.student = student or {}
         self.estimator = estimator
         self.chunk_size = chunk_size
         self.vocab_size = vocab_size

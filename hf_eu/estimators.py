@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .divergences import entropy, jsd, kl, mixture_logps
+from .divergences import entropy, gaussian_mutual_information, jsd, kl, mixture_logps
+from .gaussian import member_outputs, standard_normal_factors
 
 __all__ = [
     "Estimator",
@@ -268,3 +269,42 @@ def hf_eu_calibrated(draft_logps: torch.Tensor, reference_logps: torch.Tensor, t
     parts = _variance_plus_bias(draft_logps, reference_logps)
     features = torch.stack([parts.variance, parts.bias, entropy(reference_logps), entropy(target_logps)], -1)  # (N, 4)
     return EstimatorOutput(score=calibrator(features), variance=parts.variance, bias=parts.bias)
+
+
+@register_estimator(
+    "gaussian_distill",
+    inputs={"student"},
+    description="Gaussian-distilled student (seed 002): ½ Σ_j Var_p(factor logits j), the second-order mutual "
+                "information of its latent factors, from one student pass.",
+)
+def gaussian_distill(student_logits: torch.Tensor, student_factor_logits: torch.Tensor) -> EstimatorOutput:
+    """MI ≈ ½ Σ_j Var_p(a_j), p = softmax(mean logits), a_j = factor logits j (`gaussian_mutual_information`)."""
+    information = gaussian_mutual_information(student_logits.float().log_softmax(-1), student_factor_logits.float())
+    return EstimatorOutput(score=information, variance=information)
+
+
+# Members the sampled estimator draws (z ~ N(0, I_q), the same draws at every position) and the
+# bound on the floats of its (samples, positions, vocab) log-probs, which it fills a slice at a time.
+GAUSSIAN_DISTILL_SAMPLES = 32
+GAUSSIAN_DISTILL_SEED = 0
+_SAMPLED_MAX_ELEMENTS = 2**25
+
+
+@register_estimator(
+    "gaussian_distill_sampled",
+    inputs={"student"},
+    description=f"Gaussian-distilled student (seed 002): JSD of {GAUSSIAN_DISTILL_SAMPLES} members sampled from its "
+                "latent factors (fixed seed), from one student pass.",
+)
+def gaussian_distill_sampled(student_logits: torch.Tensor, student_factor_logits: torch.Tensor) -> EstimatorOutput:
+    """MI of S members with logits ℓ + Σ_j z_sj a_j, z_s ~ N(0, I_q) drawn once with a fixed seed: their JSD."""
+    num_positions, vocab_size = student_logits.shape
+    z = standard_normal_factors(GAUSSIAN_DISTILL_SAMPLES, student_factor_logits.shape[0], GAUSSIAN_DISTILL_SEED)
+    step = max(1, _SAMPLED_MAX_ELEMENTS // (GAUSSIAN_DISTILL_SAMPLES * vocab_size))
+    parts = []
+    for start in range(0, num_positions, step):
+        rows = slice(start, start + step)
+        member_logits = member_outputs(student_logits[rows].float(), student_factor_logits[:, rows].float(), z)  # (S, n, V)
+        parts.append(jsd(member_logits.log_softmax(-1), dim=0))  # (n,)
+    information = torch.cat(parts)
+    return EstimatorOutput(score=information, variance=information)

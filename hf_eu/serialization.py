@@ -9,6 +9,9 @@ Layout of a saved composite (the target's weights are never written; the config 
       drafts/draft_1/ …
       proxy/                 same, when the composite has a proxy
       calibrator/            the fitted `EUCalibrator` of `hf_eu_calibrated`, when the composite has one
+      student/               the Gaussian-distilled student, when the composite has one: head.safetensors
+                             (factor head + fitted noise) and, unless its backbone is the target itself,
+                             backbone/ (stored like a draft: full model, or adapter + base spec)
 
 A draft or proxy that is a peft model is stored as its active adapter only (adapter_config.json +
 adapter_model.safetensors) plus `hf_eu_adapter_base.json`, which says how to rebuild its base: the
@@ -34,11 +37,15 @@ from transformers import AutoModelForCausalLM
 
 from .calibration import CALIBRATOR_FOLDER, EUCalibrator
 from .configuration import CONFIG_NAME, UncertaintyAwareConfig, load_composite_config
+from .gaussian import GaussianFactorHead, GaussianStudentForCausalLM
 from .model_card import render_model_card
 
-__all__ = ["save_composite", "load_composite_parts", "load_calibrator", "draft_folder", "PROXY_FOLDER", "ADAPTER_BASE_FILE"]
+__all__ = ["save_composite", "load_composite_parts", "load_calibrator", "load_student", "draft_folder", "PROXY_FOLDER",
+           "STUDENT_FOLDER", "ADAPTER_BASE_FILE"]
 
 PROXY_FOLDER = "proxy"
+STUDENT_FOLDER = "student"
+STUDENT_HEAD_FILE = "head.safetensors"
 ADAPTER_BASE_FILE = "hf_eu_adapter_base.json"
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
 _ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -97,8 +104,13 @@ def save_composite(
     proxy: nn.Module | None,
     repo_id: str | None = None,
     calibrator: EUCalibrator | None = None,
+    student: GaussianStudentForCausalLM | None = None,
+    target: nn.Module | None = None,
 ) -> None:
-    """Write config, drafts, proxy, calibrator and model card to `folder` atomically (replacing an existing one)."""
+    """Write config, drafts, proxy, calibrator, student and model card to `folder` atomically (replacing an existing one).
+
+    `target` tells whether the student's backbone is the target itself (then no backbone weights are stored).
+    """
     folder = os.path.abspath(os.fspath(folder))
     parent = os.path.dirname(folder)
     os.makedirs(parent, exist_ok=True)
@@ -112,6 +124,8 @@ def save_composite(
         config.has_calibrator = calibrator is not None
         if calibrator is not None:
             calibrator.save(os.path.join(staging, CALIBRATOR_FOLDER))
+        config.has_student = student is not None
+        config.student = _save_student(student, os.path.join(staging, STUDENT_FOLDER), target, dtype) if student is not None else {}
         render_model_card(config, repo_id=repo_id).save(os.path.join(staging, "README.md"))
         config.to_json_file(os.path.join(staging, CONFIG_NAME), use_diff=True)
         _replace_folder(staging, folder)
@@ -201,3 +215,52 @@ def load_calibrator(folder: str | os.PathLike, config: UncertaintyAwareConfig) -
     if getattr(config, "has_calibrator", False) or EUCalibrator.exists(path):
         return EUCalibrator.load(path)
     return None
+
+
+def _save_student(student: GaussianStudentForCausalLM, folder: str, target: nn.Module | None,
+                  dtype: str | None) -> dict:
+    """Write the student's head (floating weights in `dtype`, the noise in float32) and, unless it is the
+    target itself, its backbone; return the settings the config records."""
+    if not isinstance(student, GaussianStudentForCausalLM):
+        raise TypeError(f"`student` must be a GaussianStudentForCausalLM, got {type(student).__name__}.")
+    os.makedirs(folder, exist_ok=True)
+    storage = getattr(torch, dtype) if dtype else None
+    tensors = {name: (tensor.to(storage) if storage is not None and name != "noise_variance" else tensor).contiguous()
+               for name, tensor in student.head.state_dict().items()}
+    save_file({name: tensor.detach().cpu() for name, tensor in tensors.items()},
+              os.path.join(folder, STUDENT_HEAD_FILE), metadata={"format": "pt"})
+    if target is not None and student.backbone is target:
+        backbone = {"kind": "target"}
+    else:
+        _save_model(student.backbone, os.path.join(folder, "backbone"), "student backbone", dtype)
+        backbone = {"kind": "saved"}
+    return {**student.head.settings(), "backbone": backbone}
+
+
+def load_student(folder: str | os.PathLike, config: UncertaintyAwareConfig,
+                 target: nn.Module | None = None) -> GaussianStudentForCausalLM | None:
+    """The composite's Gaussian-distilled student, or None when it has none (every file checked first)."""
+    if not getattr(config, "has_student", False):
+        return None
+    path = os.path.join(os.fspath(folder), STUDENT_FOLDER)
+    settings = dict(config.student or {})
+    kind = settings.pop("backbone", {}).get("kind")
+    if kind not in ("target", "saved"):
+        raise ValueError(f"The composite's config records a student whose backbone kind is {kind!r}; this hf_eu "
+                         "knows 'target' and 'saved'. Upgrade hf_eu or re-save the composite.")
+    head_path = os.path.join(path, STUDENT_HEAD_FILE)
+    if not os.path.isfile(head_path):
+        raise ValueError(f"The saved composite is incomplete: {head_path} (student) is missing. Re-save the "
+                         "composite with `save_pretrained`, or copy the whole folder again.")
+    if kind == "saved":
+        _check_model_folder(os.path.join(path, "backbone"), "student backbone")
+    elif target is None:
+        raise ValueError("The student's backbone is the target itself; pass the loaded target.")
+    try:
+        head = GaussianFactorHead(**settings)
+        head.load_state_dict({name: tensor.float() for name, tensor in load_file(head_path).items()})
+    except Exception as error:  # safetensors, shape and key errors all mean the same to the user
+        raise ValueError(f"The student head in {head_path} is corrupt or does not match the config ({type(error).__name__}: "
+                         f"{error}). Re-save the composite with `save_pretrained`.") from error
+    backbone = target if kind == "target" else _load_model(os.path.join(path, "backbone"), "student backbone", target)
+    return GaussianStudentForCausalLM(backbone, head=head).eval()
