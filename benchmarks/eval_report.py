@@ -105,19 +105,22 @@ def markdown_table(results: dict) -> str:
             continue
         lines += [f"## {set_name}: {results['n_questions'][set_name]} questions, {results['n_tokens'][set_name]} answer "
                   f"tokens, target accuracy {results['target_accuracy'][set_name]:.1%}", "",
-                  "| estimator | RMSE ↓ | Pearson ↑ | Spearman ↑ | AUROC (sum) ↑ | 95% CI | AUPRC ↑ | PRR ↑ | FLOPs × | time × |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]
+                  "| estimator | RMSE ↓ | RMSE, affine ↓ | Pearson ↑ | Spearman ↑ | AUROC (sum) ↑ | 95% CI | AUROC mean / max "
+                  "| AUPRC ↑ | PRR ↑ | FLOPs × | time × |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in [r for r in results["estimators"] if r["set"] == set_name]:
             affine = "*" if r["affine"] else ""
             ci = "–" if not r["auroc_ci"] else f"{_cell(r['auroc_ci'][0], 2)}–{_cell(r['auroc_ci'][1], 2)}"
-            lines.append(f"| {r['name']} | {_cell(r['rmse'], 4)}{affine} | {_cell(r['pearson'])} | {_cell(r['spearman'])} | "
-                         f"{_cell(r['auroc'])} | {ci} | {_cell(r['auprc'])} | {_cell(r['prr'])} | "
+            lines.append(f"| {r['name']} | {_cell(r['rmse'], 4)}{affine} | {_cell(r['rmse_affine'], 4)} | "
+                         f"{_cell(r['pearson'])} | {_cell(r['spearman'])} | {_cell(r['auroc'])} | {ci} | "
+                         f"{_cell(r['auroc_mean'], 2)} / {_cell(r['auroc_max'], 2)} | {_cell(r['auprc'])} | {_cell(r['prr'])} | "
                          f"{_cell(r['flops_ratio'], 2)} | {_cell(r['time_ratio'], 2)} |")
         lines += ["", "| detector (logistic regression, CV) | AUROC mean ± std |", "|---|---|"]
         for d in [d for d in results["detectors"] if d["set"] == set_name]:
             lines.append(f"| {d['features']} | {_cell(d['auroc_mean'])} ± {_cell(d['auroc_std'])} |")
         lines.append("")
-    lines += ["\\* RMSE after an affine map fitted on the calibration questions (the score is not in nats of EU).",
+    lines += ["\\* RMSE after an affine map fitted on the calibration questions (the score is not in nats of EU); the "
+              "'RMSE, affine' column applies that map to every estimator, to compare shapes rather than scales.",
               "FLOPs × and time ×: the estimator's teacher-forced scoring per answer token / plain target generation.",
               ""]
     return "\n".join(lines)
