@@ -56,6 +56,9 @@ def collect_answers(models: Models, questions: list[dict], scale: Scale, set_nam
     path = os.path.join(folder, "answers.json")
     if os.path.isfile(path):
         rows = json.load(open(path))
+        if [r["question"] for r in rows] != [q["question"] for q in questions]:
+            raise ValueError(f"{path} holds answers to other questions than this run asks (the scale's settings "
+                             "changed?); rerun with --fresh or another --cache folder.")
     else:
         answers = answer_greedily(models.target, models.tokenizer, [q["question"] for q in questions],
                                   max_new_tokens=scale.max_new_tokens[set_name], batch_size=scale.batch_size)

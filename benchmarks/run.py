@@ -43,16 +43,35 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--target", default=None, help="target id/folder for --scale paper")
     parser.add_argument("--gsm8k", default=None, help="GSM8K hub id or local file for the gsm set (paper scale)")
     parser.add_argument("--fresh", action="store_true", help="discard the cache and start over")
+    parser.add_argument("--fit-calibrator", action="store_true",
+                        help="fit hf_eu_calibrated's regressor on the calibration set and save it in the composite "
+                             "(how the shipped one was made); without it a composite lacking one skips that estimator")
     return parser.parse_args(argv)
 
 
-def _fit_tiny_calibrator(models, calib_scores) -> None:
-    """Tiny scale only (no shipped calibrator): fit one on the calibration set, never on evaluated questions."""
+def _fit_calibrator(models, calib, scale, save: bool) -> None:
+    """Fit `hf_eu_calibrated`'s regressor on the calibration set (disjoint from every evaluated question);
+    with `save`, store it in the composite (atomically) with the questions it saw."""
+    from hf_eu.calibration import CALIBRATOR_FOLDER
     from trainers.calibration import fit_calibrator
 
-    columns = [np.concatenate(calib_scores[n]) for n in ("hf_eu_variance", "hf_eu_bias", "proxy_entropy", "entropy")]
-    models.calibrator = fit_calibrator(np.stack(columns, -1), np.concatenate(calib_scores["ground_truth"]),
-                                       hidden_layer_sizes=(4,), info={"fitted_on": "tiny calibration set"})
+    columns = [np.concatenate(calib["scores"][n]) for n in ("hf_eu_variance", "hf_eu_bias", "proxy_entropy", "entropy")]
+    info = {"fitted_on": f"benchmarks.run --scale {scale.name} calibration set", "questions": len(calib["answers"]),
+            "question_seed": CALIB_SEED, "ground_truth_num_perturbed": scale.num_perturbed,
+            "command": command("benchmarks.run")}
+    models.calibrator = fit_calibrator(np.stack(columns, -1), np.concatenate(calib["scores"]["ground_truth"]),
+                                       hidden_layer_sizes=(4,) if scale.name == "tiny" else (16,), info=info)
+    if save:
+        models.calibrator.save(os.path.join(models.composite, CALIBRATOR_FOLDER))
+        config_path = os.path.join(models.composite, "config.json")
+        config = json.load(open(config_path))
+        config["has_calibrator"] = True
+        for path, payload in ((config_path, config), (os.path.join(models.composite, "calibration_questions.json"),
+                                                      [a["question"] for a in calib["answers"]])):
+            with open(path + ".tmp", "w") as handle:
+                json.dump(payload, handle, indent=2)
+            os.replace(path + ".tmp", path)
+        print(f"calibrator fitted on {len(calib['answers'])} calibration questions, saved in {models.composite}")
 
 
 def _costs(models, names, timings, scale) -> dict:
@@ -76,18 +95,19 @@ def run(argv=None) -> dict:
         shutil.rmtree(cache, ignore_errors=True)
     models = load_models(scale, args.composite, args.idd_composite, args.target)
     questions = build_questions(scale, models.excluded_questions, args.gsm8k)
+    fit_calibrator = scale.name == "tiny" or args.fit_calibrator  # tiny models ship none: always fit one
     names = estimator_names(models)
-    if scale.name == "tiny":
+    if fit_calibrator and "hf_eu_calibrated" not in names:
         names.append("hf_eu_calibrated")  # fitted below on the calibration set
 
     data, timings = {}, {}
     for set_name in ["calib"] + [s for s in questions if s != "calib"]:
         folder = os.path.join(cache, set_name)
         answers = collect_answers(models, questions[set_name], scale, set_name, folder)
-        set_names = [n for n in names if n != "hf_eu_calibrated" or models.calibrator is not None]
+        set_names = [n for n in names if n != "hf_eu_calibrated" or (set_name != "calib" or not fit_calibrator)]
         scores = collect_scores(models, answers, scale, folder, set_names)
-        if set_name == "calib" and models.calibrator is None and scale.name == "tiny":
-            _fit_tiny_calibrator(models, scores)
+        if set_name == "calib" and fit_calibrator:
+            _fit_calibrator(models, {"answers": answers, "scores": scores}, scale, save=scale.name != "tiny")
         wrong = np.array([not a["correct"] for a in answers], dtype=float)
         if scale.name == "tiny":  # random models are never right: alternate labels so detection code runs (plumbing only)
             wrong = np.arange(len(answers)) % 2.0
