@@ -61,18 +61,25 @@ SCALES = {
 }
 
 
-def build_questions(scale: Scale, exclude: set[str], gsm8k: str | None = None) -> dict[str, list[dict]]:
-    """`{set: [{"question", "answer", "task"}]}` with no text repeated across sets or taken from `exclude`."""
+def build_questions(scale: Scale, exclude: set[str], gsm8k: str | None = None,
+                    exclude_from_evaluation: set[str] = frozenset()) -> dict[str, list[dict]]:
+    """`{set: [{"question", "answer", "task"}]}`, no text repeated across sets or taken from `exclude`.
+
+    The calibration set is drawn first, so its questions do not depend on the other sets' sizes; the
+    evaluated sets also skip `exclude_from_evaluation` (questions a shipped calibrator was fitted on).
+    """
     seen = set(exclude)
     sets: dict[str, list[dict]] = {}
-    for name, count in scale.questions.items():
-        seed = CALIB_SEED if name == "calib" else EVAL_SEED
-        if name == "gsm":
-            plan = [("gsm_symbolic", count)]
-        elif name == "arith":
-            plan = [(task, count // len(ARITH_TASKS)) for task in ARITH_TASKS]
-        else:  # calib: mostly arithmetic, a quarter gsm
+    for name in sorted(scale.questions, key=lambda n: n != "calib"):
+        count = scale.questions[name]
+        if name == "calib":
+            seed = CALIB_SEED
             plan = [(task, (3 * count // 4) // len(ARITH_TASKS)) for task in ARITH_TASKS] + [("gsm_symbolic", count // 4)]
+        else:
+            seed = EVAL_SEED
+            seen |= set(exclude_from_evaluation)
+            plan = ([("gsm_symbolic", count)] if name == "gsm"
+                    else [(task, count // len(ARITH_TASKS)) for task in ARITH_TASKS])
         chosen = []
         for task, n in plan:
             if task == "gsm_symbolic" and gsm8k and name == "gsm":
@@ -99,16 +106,16 @@ class Models:
     calibrator: object = None
     student: torch.nn.Module | None = None
     composite: str = ""
-    excluded_questions: set = field(default_factory=set)
+    excluded_questions: set = field(default_factory=set)  # texts the drafts and proxy trained on
+    calibrator_questions: set = field(default_factory=set)  # texts a shipped calibrator was fitted on
 
 
-def _excluded(*folders: str) -> set[str]:
+def _texts(name: str, *folders: str) -> set[str]:
     texts = set()
     for folder in folders:
-        for name in ("train_questions.json", "calibration_questions.json"):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path):
-                texts |= set(json.load(open(path)))
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            texts |= set(json.load(open(path)))
     return texts
 
 
@@ -135,7 +142,8 @@ def load_models(scale: Scale, composite: str | None = None, idd_composite: str |
     idd = UncertaintyAwareModelForCausalLM.from_pretrained(idd_composite, target=target_model)
     return Models(target_model, tokenizer, list(model.drafts), model.proxy, list(idd.drafts),
                   calibrator=model.calibrator, student=getattr(model, "student", None), composite=composite,
-                  excluded_questions=_excluded(composite, idd_composite))
+                  excluded_questions=_texts("train_questions.json", composite, idd_composite),
+                  calibrator_questions=_texts("calibration_questions.json", composite))
 
 
 def _tiny_models() -> Models:

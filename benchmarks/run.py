@@ -94,7 +94,7 @@ def run(argv=None) -> dict:
     if args.fresh:
         shutil.rmtree(cache, ignore_errors=True)
     models = load_models(scale, args.composite, args.idd_composite, args.target)
-    questions = build_questions(scale, models.excluded_questions, args.gsm8k)
+    questions = build_questions(scale, models.excluded_questions, args.gsm8k, models.calibrator_questions)
     fit_calibrator = scale.name == "tiny" or args.fit_calibrator  # tiny models ship none: always fit one
     names = estimator_names(models)
     if fit_calibrator and "hf_eu_calibrated" not in names:
@@ -122,7 +122,8 @@ def run(argv=None) -> dict:
                "n_tokens": {k: int(sum(len(a["answer_ids"]) for a in v["answers"])) for k, v in data.items()},
                "target_accuracy": {k: round(float(1 - v["wrong"].mean()), 4) for k, v in data.items()},
                "seeds": {"evaluation_questions": EVAL_SEED, "calibration_questions": CALIB_SEED,
-                         "drafts_and_proxy_training_questions": "1000+k", "shipped_calibrator_questions": 1500,
+                         "drafts_and_proxy_training_questions": "1000+k",
+                         "calibrator_questions": "the calib set (with --fit-calibrator), disjoint from evaluated ones",
                          "ground_truth_perturbations": f"0..{scale.num_perturbed - 1}",
                          "tokur_perturbations": "10000..10007 (M=4: the first four)"},
                "ground_truth": {"num_perturbed": scale.num_perturbed, **scale.perturbation},
