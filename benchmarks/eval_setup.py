@@ -54,7 +54,7 @@ class Scale:
 SCALES = {
     "tiny": Scale("tiny", questions={"arith": 12, "gsm": 4, "calib": 9}, max_new_tokens={"arith": 8, "gsm": 12,
                   "calib": 8}, num_perturbed=4, batch_size=4, bootstrap=50, cv_seeds=2, timing_answers=4),
-    "small": Scale("small", questions={"arith": 120, "gsm": 24, "calib": 48}, max_new_tokens={"arith": 64,
+    "small": Scale("small", questions={"arith": 96, "gsm": 16, "calib": 48}, max_new_tokens={"arith": 64,
                    "gsm": 128, "calib": 64}, timing_answers=8),
     "paper": Scale("paper", questions={"arith": 600, "gsm": 500, "calib": 200}, max_new_tokens={"arith": 96,
                    "gsm": 320, "calib": 160}, batch_size=16),
