@@ -74,7 +74,8 @@ class EUThresholdCriteria(StoppingCriteria):
         self.eos_token_id = _ids(eos_token_id if eos_token_id is not None else config.eos_token_id)
         self.pad_token_id = config.pad_token_id
         self._prompt_mask: torch.Tensor | None = None
-        self._seen: torch.Tensor | None = None
+        self._seen: torch.Tensor | None = None  # (B, L) the input_ids of the last call
+        self._done = torch.zeros(0, dtype=torch.bool)  # (B,) rows that ended (EOS) or fired
         self.stopped_for_uncertainty = torch.zeros(0, dtype=torch.bool)
         self.stop_step = torch.zeros(0, dtype=torch.long)
         self.uncertainty = torch.zeros(0, 0)

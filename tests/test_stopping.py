@@ -24,6 +24,16 @@ MAX_NEW = 10
 RECIPE = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "abstain_chat.py")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine two threads spin-wait
+    (this file ran ~40x slower with them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _expected_stops(eu, new_tokens, mask, threshold, window, aggregate, min_new_tokens):
     """(B,) index of the new token at which each row stops for uncertainty, -1 where it does not."""
     stops = []
@@ -139,6 +149,22 @@ def test_the_targets_own_generate_stops_the_same_rows(eu_model, batch, prepared)
         assert torch.equal(direct.stopped_for_uncertainty, through_wrapper.stopped_for_uncertainty)
         assert torch.equal(direct.stop_step, wrapped.stop_step)
     assert through_wrapper.stopped_for_uncertainty.tolist() == [True, True]
+
+
+def test_assisted_decoding_stops_after_the_accepted_run(eu_model):
+    prompt = {"input_ids": torch.tensor([[1, 5, 9, 13, 17, 21]])}
+    kwargs = dict(do_sample=False, min_new_tokens=MAX_NEW, assistant_draft=0)
+    full = _generate(eu_model, prompt, 0, **kwargs)
+    criteria = EUThresholdCriteria(eu_model, threshold=float(full.epistemic_uncertainty[0, 4]) - 1e-3, window=1)
+    expected = _expected_stops(full.epistemic_uncertainty, full.sequences[:, -MAX_NEW:], full.uncertainty_mask,
+                               criteria.threshold, 1, "mean", 0)
+    stopped = _generate(eu_model, prompt, 0, stopping_criteria=[criteria], **kwargs)
+    assert criteria.stop_step.tolist() == expected.tolist() and stopped.stopped_for_uncertainty.tolist() == [True]
+    length = stopped.sequences.shape[1]  # the stop takes effect after the run of tokens accepted with the crossing one
+    assert length >= prompt["input_ids"].shape[1] + expected[0] + 1
+    assert torch.equal(stopped.sequences[0], full.sequences[0, :length])
+    computed = criteria.uncertainty.shape[1]
+    torch.testing.assert_close(criteria.uncertainty[0], full.epistemic_uncertainty[0, :computed], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -25,6 +25,16 @@ _SYMBOLS = ["<pad>", "<s>", "</s>", "Ġ", "Ċ", "Ã", "©", *"abcdefghijklmnopqr
 E_FIRST, E_SECOND = _SYMBOLS.index("Ã"), _SYMBOLS.index("©")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core machine two threads spin-wait
+    (this file ran ~40x slower with them)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tokenizer():
     assert len(_SYMBOLS) == 64
