@@ -30,7 +30,10 @@ __all__ = ["Scale", "SCALES", "EVAL_SEED", "CALIB_SEED", "ARITH_TASKS", "build_q
 
 EVAL_SEED = 7  # < 1000: an evaluation seed; the drafts trained on 1000+k, the calibrator on 1500
 CALIB_SEED = 8
-ARITH_TASKS = ("arith_basic", "arith_chain_sum", "arith_products")
+# The evaluated arithmetic mix, chosen for a target accuracy inside 30-70% (measured: see results.json);
+# arith_basic's negative and parenthesised terms put the 135M target at 22%, so it serves calibration only.
+ARITH_TASKS = ("arith_add_mul", "arith_chain_sum", "arith_products")
+CALIB_ARITH_TASKS = ("arith_basic", "arith_chain_sum", "arith_products")
 GROUND_TRUTH_SEEDS_START = 0  # ground truth: perturbation seeds 0 … N-1
 TOKUR_SEEDS_START = 10_000  # TokUR: 10000 … 10007 (M = 4 uses the first four)
 
@@ -74,7 +77,8 @@ def build_questions(scale: Scale, exclude: set[str], gsm8k: str | None = None,
         count = scale.questions[name]
         if name == "calib":
             seed = CALIB_SEED
-            plan = [(task, (3 * count // 4) // len(ARITH_TASKS)) for task in ARITH_TASKS] + [("gsm_symbolic", count // 4)]
+            plan = [(task, (3 * count // 4) // len(CALIB_ARITH_TASKS)) for task in CALIB_ARITH_TASKS]
+            plan.append(("gsm_symbolic", count // 4))
         else:
             seed = EVAL_SEED
             seen |= set(exclude_from_evaluation)

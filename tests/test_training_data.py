@@ -232,6 +232,7 @@ def test_reasoning_gym_presets_count_and_determinism(task):
 
 
 @pytest.mark.parametrize("task, max_digits, operators", [("arith_basic", 1, "+-*/"), ("arith_chain_sum", 2, "+-"),
+                                                         ("arith_add_mul", 2, "+*"),
                                                          ("arith_products", 2, "*")])
 def test_arithmetic_presets_have_two_terms_of_the_right_size(task, max_digits, operators):
     for item in reasoning_gym_questions(task, 40, seed=0):

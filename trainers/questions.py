@@ -40,6 +40,10 @@ REASONING_GYM_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     # in -9..9 and may be wrapped in parentheses; allow_negation=False avoids "-(...)".
     "arith_basic": ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
                                          "allow_parentheses": True, "allow_negation": False}),
+    # Two positive one-digit terms joined by + or * (no division, so the parenthesis-free path is exact).
+    "arith_add_mul": ("basic_arithmetic", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1,
+                                           "operators": ("+", "*"), "allow_parentheses": False,
+                                           "allow_negation": False}),
     "arith_chain_sum": ("chain_sum", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}),
     "arith_products": ("products", {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 2}),
 }
@@ -109,7 +113,7 @@ def reasoning_gym_questions(task: str, n: int, seed: int) -> list[dict]:
 
     Args:
         task: one of `REASONING_GYM_PRESETS`: "gsm_symbolic", "arith_basic" (two one-digit terms, any
-            of + - * /), "arith_chain_sum" (a + b or a - b, 1-2 digits), "arith_products" (a * b,
+            of + - * /), "arith_add_mul" (two one-digit terms, + or *), "arith_chain_sum" (a + b or a - b, 1-2 digits), "arith_products" (a * b,
             1-2 digits).
         n: number of questions, 0 <= n <= 1,000,000.
         seed: evaluation uses seeds < TRAIN_SEED_OFFSET, training `training_seed(k)`.
