@@ -21,6 +21,7 @@ from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.utils import logging
 
 from ._version import __version__
+from .calibration import EUCalibrator
 from .configuration import UncertaintyAwareConfig, load_composite_config
 from .estimators import get_estimator
 from .loading import (
@@ -32,7 +33,8 @@ from .loading import (
 )
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
 from .scoring import score_tokens
-from .serialization import load_composite_parts, save_composite
+from .perturbation import LowRankGaussianPerturbation
+from .serialization import load_calibrator, load_composite_parts, load_student, save_composite
 from .stopping import prepare_eu_criteria, stopped_for_uncertainty
 
 __all__ = ["UncertaintyAwareModelForCausalLM"]
@@ -58,6 +60,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         drafts: Sequence[nn.Module],
         proxy: nn.Module | None = None,
         config: UncertaintyAwareConfig | None = None,
+        calibrator: EUCalibrator | None = None,
+        student: nn.Module | None = None,
     ):
         super().__init__()
         _check_drafts_argument(drafts)
@@ -66,10 +70,16 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         parts = {f"draft {k}": draft for k, draft in enumerate(drafts)}
         if proxy is not None:
             parts["proxy"] = proxy
+        if student is not None:
+            _check_student_argument(student)
+            parts["student"] = student
         vocab_size = check_same_vocabulary(target, parts)
         self.target = target
         self.drafts = nn.ModuleList(drafts)
         self.proxy = proxy
+        self.calibrator = calibrator  # the fitted regressor of `hf_eu_calibrated`, or None
+        self.student = student  # the Gaussian-distilled student of `gaussian_distill*`, or None
+        self._perturbation = None  # built on first use by estimators reading perturbed targets
         self.config = config or UncertaintyAwareConfig(
             target_name_or_path=_name_of(target),
             num_drafts=len(drafts),
@@ -77,6 +87,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         )
         self.config.num_drafts = len(drafts)
         self.config.has_proxy = proxy is not None
+        self.config.has_calibrator = calibrator is not None
+        self.config.has_student = student is not None
         self.config.vocab_size = vocab_size
         get_estimator(self.config.estimator)  # unknown names fail now, not at the first generate
         for part in parts.values():
@@ -94,6 +106,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         estimator: str | None = None,
         chunk_size: int | None = None,
         config: UncertaintyAwareConfig | None = None,
+        student: nn.Module | None = None,
         **target_kwargs,
     ) -> UncertaintyAwareModelForCausalLM:
         """Load a composite.
@@ -109,6 +122,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             chunk_size: positions scored per chunk (default: derived from a 128 MiB budget).
             config: with a saved composite, the `UncertaintyAwareConfig` to use instead of its config.json
                 (what `AutoModelForCausalLM.from_pretrained` passes; the stored file is still checked).
+            student: a loaded `hf_eu.gaussian.GaussianStudentForCausalLM` (Gaussian-distilled, for the
+                `gaussian_distill*` estimators) or None; a saved composite brings its own.
             **target_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the target (`dtype`,
                 `device_map`, `quantization_config`, `revision`, …).
         """
@@ -118,10 +133,10 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
                             "composite's own with `AutoConfig.from_pretrained(folder)` or leave it out.")
         revision = target_kwargs.get("revision")
         if is_composite(pretrained_model_name_or_path, revision=revision):
-            if drafts is not None or proxy is not None:
+            if drafts is not None or proxy is not None or student is not None:
                 raise ValueError(
-                    f"{pretrained_model_name_or_path!r} is a saved composite that brings its own drafts and proxy; "
-                    "do not pass `drafts=`/`proxy=` with it (use `target=` to replace the target)."
+                    f"{pretrained_model_name_or_path!r} is a saved composite that brings its own drafts, proxy and "
+                    "student; do not pass `drafts=`/`proxy=`/`student=` with it (use `target=` to replace the target)."
                 )
             return cls._from_composite(pretrained_model_name_or_path, target, estimator, chunk_size, target_kwargs,
                                        config)
@@ -146,7 +161,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             estimator=estimator or "hf_eu",
             chunk_size=chunk_size,
         )
-        return cls(target_model, draft_models, proxy_model, config=config)
+        return cls(target_model, draft_models, proxy_model, config=config, student=student)
 
     @classmethod
     def _from_composite(cls, reference, target, estimator, chunk_size, target_kwargs, config=None):
@@ -171,7 +186,9 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             config.estimator = estimator
         if chunk_size is not None:
             config.chunk_size = chunk_size
-        return cls(target_model, draft_models, proxy_model, config=config)
+        student = load_student(folder, config, target_model)
+        return cls(target_model, draft_models, proxy_model, config=config, calibrator=load_calibrator(folder, config),
+                   student=student.to(device) if student is not None else None)
 
     # ---------------------------------------------------------------- inference
     @property
@@ -266,8 +283,17 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             estimator, sequences, prompt_length,
             drafts=self.drafts, proxy=self.proxy, target=self.target, attention_mask=full_mask,
             uncertainty_mask=generated_token_mask(new_tokens, eos_token_id, pad_token_id),
-            chunk_size=self.config.chunk_size,
+            chunk_size=self.config.chunk_size, **self._scoring_extras(estimator),
         )
+
+    def _scoring_extras(self, estimator) -> dict:
+        """Inputs beyond drafts/proxy/target some estimators read: the calibrator, the target's perturbation."""
+        extras = {"calibrator": self.calibrator, "student": self.student}
+        if "perturbed" in estimator.inputs:
+            if self._perturbation is None:
+                self._perturbation = LowRankGaussianPerturbation(self.target)  # DESIGN.md defaults: r = 8, σ = 0.1
+            extras["perturbation"] = self._perturbation
+        return extras
 
     def estimate_uncertainty(
         self,
@@ -294,10 +320,11 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
+        chosen = get_estimator(estimator or self.config.estimator)
         return score_tokens(
-            get_estimator(estimator or self.config.estimator), input_ids, prompt_length,
+            chosen, input_ids, prompt_length,
             drafts=self.drafts, proxy=self.proxy, target=self.target, attention_mask=attention_mask,
-            chunk_size=chunk_size or self.config.chunk_size,
+            chunk_size=chunk_size or self.config.chunk_size, **self._scoring_extras(chosen),
         )
 
     # ------------------------------------------------------------------- saving
@@ -307,7 +334,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         The target's weights are not written: the config records its id and revision.
         """
         self.config.hf_eu_version = __version__
-        save_composite(save_directory, self.config, list(self.drafts), self.proxy, repo_id=repo_id)
+        save_composite(save_directory, self.config, list(self.drafts), self.proxy, repo_id=repo_id,
+                       calibrator=self.calibrator, student=self.student, target=self.target)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     revision: str | None = None, commit_message: str = "Upload hf_eu composite") -> str:
@@ -373,6 +401,13 @@ def _drop_loader_bookkeeping(kwargs: dict) -> None:
         raise ValueError("`trust_remote_code=True` was passed, but hf_eu loads composites and their parts without "
                          "remote code; drop the argument (a target that needs remote code: load it yourself and pass "
                          "it as `target=`).")
+
+
+def _check_student_argument(student: Any) -> None:
+    if not (isinstance(student, nn.Module) and hasattr(student, "num_factors")):
+        raise TypeError(f"`student` must be a loaded `hf_eu.gaussian.GaussianStudentForCausalLM`, got "
+                        f"{type(student).__name__}; build one with `GaussianStudentForCausalLM(backbone, num_factors=q)` "
+                        "and fit it with `trainers.gaussian_trainer.GaussianDistillationTrainer`.")
 
 
 def _check_drafts_argument(drafts: Any) -> None:
