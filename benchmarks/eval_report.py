@@ -76,6 +76,13 @@ def summary(records: list[dict], detectors: list[dict], sets: list[str]) -> dict
         cost = by_name["hf_eu"]["flops_ratio"] / by_name["tokur_m8"]["flops_ratio"]
         out[set_name] = {"rmse_vs_best_ablation": _relative_reduction(records, "hf_eu", ABLATIONS, set_name),
                          "rmse_vs_best_cheap_baseline": _relative_reduction(records, "hf_eu", CHEAP, set_name),
+                         "calibrated_rmse_vs_best_ablation": _relative_reduction(records, "hf_eu_calibrated", ABLATIONS,
+                                                                                 set_name),
+                         "calibrated_rmse_vs_best_cheap_baseline": _relative_reduction(records, "hf_eu_calibrated",
+                                                                                       CHEAP, set_name),
+                         "time_vs_tokur_m8": (round(by_name["hf_eu"]["time_ratio"] / by_name["tokur_m8"]["time_ratio"], 4)
+                                              if by_name["hf_eu"]["time_ratio"] and by_name["tokur_m8"]["time_ratio"]
+                                              else None),
                          "auroc_minus_tokur_m8": None if gap is None else round(gap, 4),
                          "detector_gain_from_hf_eu": None if gain is None else round(gain, 4),
                          "flops_vs_tokur_m8": round(cost, 4)}
