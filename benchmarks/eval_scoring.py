@@ -152,8 +152,11 @@ def estimator_flops(models: Models, name: str, scale: Scale) -> float:
     if "target" in estimator.inputs:
         flops += forward_flops(models.target)
     flops += estimator.num_perturbed * forward_flops(models.target)
-    if "student" in estimator.inputs and models.student is not None:
-        flops += forward_flops(models.student)
+    if "student" in estimator.inputs and models.student is not None:  # backbone + factor head + q extra head rows
+        student = models.student
+        head = student.backbone.get_output_embeddings().weight
+        flops += forward_flops(student.backbone) + 2.0 * (sum(p.numel() for p in student.head.parameters())
+                                                          + student.num_factors * head.numel())
     return flops
 
 
