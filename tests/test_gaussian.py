@@ -377,6 +377,7 @@ def test_trainer_fits_the_head_only_and_likelihood_rises(tmp_path, one_thread):
     assert_close(student.head.noise_variance, trainer.em.psi.float())
     likelihoods = [e["em/log_likelihood"] for e in trainer.state.log_history if "em/log_likelihood" in e]
     assert len(likelihoods) == 3 and likelihoods[-1] > likelihoods[0]
+    assert [e["step"] for e in trainer.state.log_history if "loss" in e] == [1, 2, 3, 4, 5, 6]  # E-steps hide none
     # the observations are the perturbed targets' hidden states: member 0 is seed member_seed = 1000
     from hf_eu.perturbation import LowRankGaussianPerturbation
     from trainers.gaussian_design import collect_hidden_states

@@ -50,7 +50,9 @@ class _EMCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         if state.global_step % args.m_step_steps == 0:
+            should_log = control.should_log
             self.trainer.em_step()
+            control.should_log = should_log  # logging the E-step resets it: the step's loss is still logged
 
     def on_train_end(self, args, state, control, **kwargs):
         if state.global_step % args.m_step_steps != 0:  # a partial last M-step: finish its EM iteration
