@@ -36,6 +36,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ._cache import cache_argument, output_cache
+
 __all__ = [
     "GaussianFactorHead",
     "GaussianStudentForCausalLM",
@@ -98,14 +100,14 @@ class GaussianStudentOutput(ModelOutput):
             the mean member's logits, lm_head(μ(x)).
         factor_logits (`torch.FloatTensor` of shape `(batch_size, num_positions, num_factors, vocab_size)`):
             lm_head(φ_j(x)) without bias for each factor j; member z has logits `logits + Σ_j z_j factor_logits[..., j, :]`.
-        past_key_values (`Cache`): the backbone's KV cache, returned when `use_cache=True`.
+        cache (`Cache`): the backbone's KV cache, returned when `use_cache=True`.
         mean_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_positions, hidden_size)`): μ(x).
         factor_hidden_states (`torch.FloatTensor` of shape `(batch_size, num_positions, num_factors, hidden_size)`): Φ(x).
     """
 
     logits: torch.FloatTensor | None = None
     factor_logits: torch.FloatTensor | None = None
-    past_key_values: Any = None
+    cache: Any = None
     mean_hidden_states: torch.FloatTensor | None = None
     factor_hidden_states: torch.FloatTensor | None = None
 
@@ -114,7 +116,7 @@ def decoder_hidden_states(model: nn.Module, **kwargs) -> Any:
     """Run the decoder of a causal LM (peft models included) without its output head.
 
     Returns the decoder's output: `last_hidden_state` `(B, L, D)` after the final norm, which the head
-    maps to the logits, and `past_key_values`.
+    maps to the logits, and its cache.
     """
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
     if decoder is None:
@@ -133,8 +135,8 @@ class GaussianStudentForCausalLM(nn.Module):
         head: a fitted `GaussianFactorHead`; None builds a fresh one.
         intermediate_size: width of a fresh head's layers.
 
-    Called like a causal LM (`input_ids`, `attention_mask`, `position_ids`, `past_key_values`,
-    `use_cache`, `logits_to_keep`), it returns a `GaussianStudentOutput`.
+    Called like a causal LM (`input_ids`, `attention_mask`, `position_ids`, `cache` (or the older name
+    `past_key_values`), `use_cache`, `logits_to_keep`), it returns a `GaussianStudentOutput`.
     """
 
     def __init__(self, backbone: nn.Module, num_factors: int | None = None, head: GaussianFactorHead | None = None,
@@ -170,11 +172,13 @@ class GaussianStudentForCausalLM(nn.Module):
     def get_output_embeddings(self) -> nn.Linear:
         return self.backbone.get_output_embeddings()
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
                 use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0, **kwargs) -> GaussianStudentOutput:
+        cache = cache if cache is not None else past_key_values
+        decoder = self.backbone.get_decoder() if hasattr(self.backbone, "get_decoder") else self.backbone
         output = decoder_hidden_states(self.backbone, input_ids=input_ids, attention_mask=attention_mask,
-                                       position_ids=position_ids, past_key_values=past_key_values,
-                                       use_cache=use_cache, **kwargs)
+                                       position_ids=position_ids, use_cache=use_cache,
+                                       **cache_argument(decoder, cache), **kwargs)
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         hidden = output.last_hidden_state[:, kept]  # (B, C, D)
         mean, factors = self.head(hidden)  # (B, C, D), (B, C, q, D)
@@ -182,7 +186,7 @@ class GaussianStudentForCausalLM(nn.Module):
         logits = lm_head(mean.to(lm_head.weight.dtype))  # (B, C, V)
         factor_logits = F.linear(factors.to(lm_head.weight.dtype), lm_head.weight)  # (B, C, q, V): no bias
         return GaussianStudentOutput(logits=logits, factor_logits=factor_logits,
-                                     past_key_values=getattr(output, "past_key_values", None),
+                                     cache=output_cache(output),
                                      mean_hidden_states=mean, factor_hidden_states=factors)
 
 

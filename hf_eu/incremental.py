@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._cache import cache_argument, output_cache
 from .estimators import Estimator, EstimatorOutput, get_estimator
 from .scoring import _chunk_arguments, _select_models
 
@@ -57,11 +58,11 @@ class _CachedModel:
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
                 position_ids=position_ids.to(self.device),
-                past_key_values=self.cache,
+                **cache_argument(self.model, self.cache),
                 use_cache=True,
                 logits_to_keep=1,
             )
-        self.cache = output.past_key_values
+        self.cache = output_cache(output)
         factor_logits = getattr(output, "factor_logits", None)  # a Gaussian-distilled student's, (B, C, q, V)
         self.last_output = SimpleNamespace(
             logits=output.logits[:, -1:],  # (B, 1, V)

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._cache import cache_argument, output_cache
 from .estimators import Estimator
 from .loading import output_vocab_size
 from .outputs import UncertaintyOutput
@@ -63,11 +64,11 @@ class _ChunkedForward:
                 input_ids=self.input_ids[:, start:end],
                 attention_mask=self.attention_mask[:, :end],
                 position_ids=self.position_ids[:, start:end],
-                past_key_values=self.cache,
+                **cache_argument(self.model, self.cache),
                 use_cache=True,
                 **kwargs,
             )
-        self.cache = output.past_key_values
+        self.cache = output_cache(output)
         return output
 
     def prefill(self, end: int) -> None:

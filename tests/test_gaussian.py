@@ -238,7 +238,7 @@ def test_student_outputs_match_a_direct_computation(target):
         assert_close(output.logits + torch.einsum("q,btqv->btv", z, output.factor_logits), member, atol=1e-5, rtol=1e-5)
         # chunked through the KV cache as scoring feeds it, and only the kept positions
         first = student(input_ids=ids[:, :4], use_cache=True, logits_to_keep=1)
-        rest = student(input_ids=ids[:, 4:], past_key_values=first.past_key_values, use_cache=True,
+        rest = student(input_ids=ids[:, 4:], cache=first.cache, use_cache=True,
                        position_ids=torch.arange(4, 7)[None])
     assert student.num_factors == 2 and output.factor_logits.shape == (1, 7, 2, 64)
     assert_close(first.logits[:, 0], output.logits[:, 3], atol=1e-5, rtol=1e-5)

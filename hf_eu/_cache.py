@@ -1,0 +1,38 @@
+"""The name of a model's cache argument and output field, across transformers versions.
+
+transformers 5.24 renamed `past_key_values` to `cache` in model forward arguments and outputs; the old
+name still works there but warns, and releases before 5.24 know only the old one. These helpers read the
+model's own forward signature and output, so the code passes the name the installed release expects.
+"""
+
+from __future__ import annotations
+
+import inspect
+from functools import lru_cache
+from typing import Any
+
+__all__ = ["cache_argument", "output_cache"]
+
+
+@lru_cache(maxsize=256)
+def _argument_for(forward) -> str:
+    try:
+        parameters = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` with the forward argument name `model` expects (`cache` from transformers 5.24 on)."""
+    forward = getattr(type(model), "forward", None)
+    name = _argument_for(forward) if forward is not None else "past_key_values"
+    return {name: cache}
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model output carries (`cache` from transformers 5.24 on, `past_key_values` before), or None."""
+    if hasattr(output, "keys"):  # a ModelOutput: its keys are the fields that are set
+        keys = output.keys()
+        return next((output[name] for name in ("cache", "past_key_values") if name in keys), None)
+    return getattr(output, "cache", None)
