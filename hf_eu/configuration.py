@@ -33,6 +33,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         has_proxy (`bool`): whether a proxy is stored; without one the bias uses the target.
         has_calibrator (`bool`): whether a fitted `EUCalibrator` (estimator `hf_eu_calibrated`) is stored.
         has_student (`bool`): whether a Gaussian-distilled student (estimators `gaussian_distill*`) is stored.
+        has_eu_head (`bool`): whether a distilled `EUHead` (estimator `eu_head`) is stored under `eu_head/`.
         student (`dict`, *optional*): the student's settings: its head's shapes (`hidden_size`,
             `num_factors`, `intermediate_size`) and `backbone` (`{"kind": "target"}`: the target itself,
             nothing stored; `{"kind": "saved"}`: stored under `student/backbone/`).
@@ -56,6 +57,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         has_proxy: bool = False,
         has_calibrator: bool = False,
         has_student: bool = False,
+        has_eu_head: bool = False,
         student: dict[str, Any] | None = None,
         estimator: str = "hf_eu",
         chunk_size: int | None = None,
@@ -75,6 +77,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         self.has_proxy = has_proxy
         self.has_calibrator = has_calibrator
         self.has_student = has_student
+        self.has_eu_head = has_eu_head
         self.student = student or {}
         self.estimator = estimator
         self.chunk_size = chunk_size

@@ -15,6 +15,9 @@ Inputs an estimator may declare:
 - ``"student"``: a Gaussian-distilled student (DESIGN.md §1, seed 002): `student_logits` `(N, vocab_size)`
   (its mean member) and `student_factor_logits` `(q, N, vocab_size)` (each latent factor mapped to logits).
 - ``"calibrator"``: `calibrator`, the fitted `EUCalibrator` stored with the composite.
+- ``"features"``: `target_features`, the target's own computation at each position (`eu_features.TargetFeatures`
+  of shape `(N, ·)`): recorded from the forward passes `generate` runs anyway, or one teacher-forced pass.
+- ``"eu_head"``: `eu_head`, the distilled `EUHead` stored with the composite.
 
 All formulas come from `divergences.py`; this module only combines them.
 """
@@ -44,7 +47,8 @@ __all__ = [
 # Per-token features `hf_eu_calibrated` reads, in this order.
 CALIBRATION_FEATURES = ("draft_jsd", "bias", "proxy_entropy", "target_entropy")
 
-ESTIMATOR_INPUTS = frozenset({"drafts", "reference", "target", "token_ids", "perturbed", "student", "calibrator"})
+ESTIMATOR_INPUTS = frozenset({"drafts", "reference", "target", "token_ids", "perturbed", "student", "calibrator",
+                              "features", "eu_head"})
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,8 @@ class Estimator:
 # Declared input -> argument names of the estimator function.
 _ARGUMENT_NAMES = {"drafts": ("draft_logps",), "reference": ("reference_logps",), "target": ("target_logps",),
                    "token_ids": ("token_ids",), "perturbed": ("perturbed_logps",),
-                   "student": ("student_logits", "student_factor_logits"), "calibrator": ("calibrator",)}
+                   "student": ("student_logits", "student_factor_logits"), "calibrator": ("calibrator",),
+                   "features": ("target_features",), "eu_head": ("eu_head",)}
 
 
 _REGISTRY: dict[str, Estimator] = {}
@@ -308,3 +313,15 @@ def gaussian_distill_sampled(student_logits: torch.Tensor, student_factor_logits
         parts.append(jsd(member_logits.log_softmax(-1), dim=0))  # (n,)
     information = torch.cat(parts)
     return EstimatorOutput(score=information, variance=information)
+
+
+@register_estimator(
+    "eu_head",
+    inputs={"features", "eu_head"},
+    description="Distilled EU head: a small network trained on the 16-copy ground truth, reading the target's "
+                "own features (input norms of the perturbed layers, output statistics, Fisher variances of "
+                "learned logit directions) from the passes generate already runs.",
+)
+def eu_head(target_features, eu_head) -> EstimatorOutput:
+    """EUHead(features) ≥ 0 in nats (`hf_eu.eu_head`); no draft, proxy or extra target pass."""
+    return EstimatorOutput(score=eu_head(target_features).float())

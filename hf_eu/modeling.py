@@ -9,15 +9,17 @@ uncertainty beside transformers' usual fields. `estimate_uncertainty` does the s
 
 from __future__ import annotations
 
+import copy
 import os
 import tempfile
+from contextlib import nullcontext
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from huggingface_hub import HfApi
 from torch import nn
-from transformers.generation import GenerateBeamDecoderOnlyOutput
+from transformers.generation import GenerateBeamDecoderOnlyOutput, GenerationMode
 from transformers.utils import logging
 
 from ._version import __version__
@@ -32,9 +34,11 @@ from .loading import (
     load_local_tokenizer,
 )
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
-from .scoring import score_tokens
+from .scoring import reads_only_features, score_recorded, score_tokens
 from .perturbation import LowRankGaussianPerturbation
-from .serialization import load_calibrator, load_composite_parts, load_student, save_composite
+from .eu_features import TargetFeatureRecorder
+from .eu_head import EUHead
+from .serialization import load_calibrator, load_composite_parts, load_eu_head, load_student, save_composite
 from .stopping import prepare_eu_criteria, stopped_for_uncertainty
 
 __all__ = ["UncertaintyAwareModelForCausalLM"]
@@ -62,6 +66,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         config: UncertaintyAwareConfig | None = None,
         calibrator: EUCalibrator | None = None,
         student: nn.Module | None = None,
+        eu_head: EUHead | None = None,
     ):
         super().__init__()
         _check_drafts_argument(drafts)
@@ -79,6 +84,9 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         self.proxy = proxy
         self.calibrator = calibrator  # the fitted regressor of `hf_eu_calibrated`, or None
         self.student = student  # the Gaussian-distilled student of `gaussian_distill*`, or None
+        if eu_head is not None and not isinstance(eu_head, EUHead):
+            raise TypeError(f"`eu_head` must be an hf_eu.eu_head.EUHead, got {type(eu_head).__name__}.")
+        self.eu_head = eu_head.attach(target).to(_device_of(target)).eval() if eu_head is not None else None
         self._perturbation = None  # built on first use by estimators reading perturbed targets
         self.config = config or UncertaintyAwareConfig(
             target_name_or_path=_name_of(target),
@@ -89,6 +97,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         self.config.has_proxy = proxy is not None
         self.config.has_calibrator = calibrator is not None
         self.config.has_student = student is not None
+        self.config.has_eu_head = eu_head is not None
         self.config.vocab_size = vocab_size
         get_estimator(self.config.estimator)  # unknown names fail now, not at the first generate
         for part in parts.values():
@@ -107,6 +116,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         chunk_size: int | None = None,
         config: UncertaintyAwareConfig | None = None,
         student: nn.Module | None = None,
+        eu_head: EUHead | None = None,
         **target_kwargs,
     ) -> UncertaintyAwareModelForCausalLM:
         """Load a composite.
@@ -124,6 +134,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
                 (what `AutoModelForCausalLM.from_pretrained` passes; the stored file is still checked).
             student: a loaded `hf_eu.gaussian.GaussianStudentForCausalLM` (Gaussian-distilled, for the
                 `gaussian_distill*` estimators) or None; a saved composite brings its own.
+            eu_head: a trained `hf_eu.eu_head.EUHead` for the target (estimator `eu_head`) or None; a saved
+                composite brings its own.
             **target_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the target (`dtype`,
                 `device_map`, `quantization_config`, `revision`, …).
         """
@@ -133,7 +145,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
                             "composite's own with `AutoConfig.from_pretrained(folder)` or leave it out.")
         revision = target_kwargs.get("revision")
         if is_composite(pretrained_model_name_or_path, revision=revision):
-            if drafts is not None or proxy is not None or student is not None:
+            if drafts is not None or proxy is not None or student is not None or eu_head is not None:
                 raise ValueError(
                     f"{pretrained_model_name_or_path!r} is a saved composite that brings its own drafts, proxy and "
                     "student; do not pass `drafts=`/`proxy=`/`student=` with it (use `target=` to replace the target)."
@@ -161,7 +173,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             estimator=estimator or "hf_eu",
             chunk_size=chunk_size,
         )
-        return cls(target_model, draft_models, proxy_model, config=config, student=student)
+        return cls(target_model, draft_models, proxy_model, config=config, student=student, eu_head=eu_head)
 
     @classmethod
     def _from_composite(cls, reference, target, estimator, chunk_size, target_kwargs, config=None):
@@ -188,7 +200,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             config.chunk_size = chunk_size
         student = load_student(folder, config, target_model)
         return cls(target_model, draft_models, proxy_model, config=config, calibrator=load_calibrator(folder, config),
-                   student=student.to(device) if student is not None else None)
+                   student=student.to(device) if student is not None else None, eu_head=load_eu_head(folder, config))
 
     # ---------------------------------------------------------------- inference
     @property
@@ -242,7 +254,10 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         if assistant_draft is not None:
             self._attach_assistant(kwargs, assistant_draft, input_ids)
         eu_criteria = prepare_eu_criteria(kwargs, input_ids, generation_config)
-        output = self.target.generate(inputs, **kwargs)
+        recorder = (TargetFeatureRecorder(self.target) if return_dict and reads_only_features(chosen)
+                    and _decodes_token_by_token(kwargs, generation_config) else None)
+        with recorder if recorder is not None else nullcontext():
+            output = self.target.generate(inputs, **kwargs)
         if not return_dict:
             return output
         prompt_length = input_ids.shape[1]
@@ -250,9 +265,15 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         if sequences.shape[1] <= prompt_length:
             raise ValueError(f"generate returned no new tokens (sequence length {sequences.shape[1]} ≤ prompt length "
                              f"{prompt_length}); raise `max_new_tokens` or `max_length` to get uncertainty.")
-        scores = self._score_generated(chosen, sequences, prompt_length, kwargs.get("attention_mask"),
-                                       input_ids.shape[0], kwargs.get("eos_token_id", generation_config.eos_token_id),
-                                       kwargs.get("pad_token_id", generation_config.pad_token_id))
+        eos_token_id = kwargs.get("eos_token_id", generation_config.eos_token_id)
+        pad_token_id = kwargs.get("pad_token_id", generation_config.pad_token_id)
+        features = recorder.generated(sequences.shape[1] - prompt_length, sequences.shape[0]) if recorder else None
+        if features is not None:  # the target's own decoding passes gave every token's features: no scoring pass
+            mask = generated_token_mask(sequences[:, prompt_length:], eos_token_id, pad_token_id)
+            scores = score_recorded(chosen, features, mask, eu_head=self.eu_head, calibrator=self.calibrator)
+        else:
+            scores = self._score_generated(chosen, sequences, prompt_length, kwargs.get("attention_mask"),
+                                           input_ids.shape[0], eos_token_id, pad_token_id)
         output_class = (UncertaintyGenerateBeamOutput if isinstance(output, GenerateBeamDecoderOnlyOutput)
                         else UncertaintyGenerateOutput)
         stopped = {"stopped_for_uncertainty": stopped_for_uncertainty(eu_criteria, scores.uncertainty_mask)
@@ -288,7 +309,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
 
     def _scoring_extras(self, estimator) -> dict:
         """Inputs beyond drafts/proxy/target some estimators read: the calibrator, the target's perturbation."""
-        extras = {"calibrator": self.calibrator, "student": self.student}
+        extras = {"calibrator": self.calibrator, "student": self.student, "eu_head": self.eu_head}
         if "perturbed" in estimator.inputs:
             if self._perturbation is None:
                 self._perturbation = LowRankGaussianPerturbation(self.target)  # DESIGN.md defaults: r = 8, σ = 0.1
@@ -335,7 +356,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         """
         self.config.hf_eu_version = __version__
         save_composite(save_directory, self.config, list(self.drafts), self.proxy, repo_id=repo_id,
-                       calibrator=self.calibrator, student=self.student, target=self.target)
+                       calibrator=self.calibrator, student=self.student, target=self.target, eu_head=self.eu_head)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     revision: str | None = None, commit_message: str = "Upload hf_eu composite") -> str:
@@ -351,6 +372,20 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                        commit_message=commit_message, repo_type="model")
         return getattr(commit, "commit_url", str(commit))
+
+
+def _decodes_token_by_token(kwargs: dict, generation_config) -> bool:
+    """Whether `generate` will call the target once per new token on every row (greedy or sampling, no
+    assistant, no beams): then the recorded forward calls map one to one onto the new tokens."""
+    if any(kwargs.get(name) is not None for name in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate")):
+        return False
+    config = copy.deepcopy(kwargs.get("generation_config") or generation_config)
+    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k) and k != "generation_config"})
+    try:
+        mode = config.get_generation_mode()
+    except (ValueError, TypeError):
+        return False
+    return mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) and getattr(config, "dola_layers", None) is None
 
 
 def generated_token_mask(new_tokens: torch.Tensor, eos_token_id: Any, pad_token_id: Any = None) -> torch.Tensor:

@@ -23,11 +23,12 @@ from torch import nn
 
 from ._cache import cache_argument, output_cache
 from .estimators import Estimator
+from .eu_features import TargetFeatureRecorder
 from .loading import output_vocab_size
 from .outputs import UncertaintyOutput
 from .perturbation import LowRankGaussianPerturbation
 
-__all__ = ["score_tokens", "score_tokens_many", "DEFAULT_MAX_CHUNK_ELEMENTS"]
+__all__ = ["score_tokens", "score_tokens_many", "score_recorded", "reads_only_features", "DEFAULT_MAX_CHUNK_ELEMENTS"]
 
 # Budget for one chunk of log-probs across all models: 2**25 float32 = 128 MiB.
 DEFAULT_MAX_CHUNK_ELEMENTS = 2**25
@@ -116,6 +117,7 @@ def score_tokens_many(
     perturbation_seeds: Sequence[int] | Mapping[str, Sequence[int]] | None = None,
     student: nn.Module | None = None,
     calibrator: Any = None,
+    eu_head: nn.Module | None = None,
 ) -> dict[str, UncertaintyOutput]:
     """Several estimators in one teacher-forced pass: each model (or perturbed copy) runs once for all.
 
@@ -135,6 +137,8 @@ def score_tokens_many(
             share a seed share that copy's pass.
         student: the Gaussian-distilled student, for estimators reading ``"student"``.
         calibrator: the fitted calibrator, for estimators reading ``"calibrator"``.
+        eu_head: the distilled `EUHead`, for estimators reading ``"eu_head"``; their ``"features"`` are
+            recorded from the target's own pass (`eu_features.TargetFeatureRecorder`).
 
     Returns:
         `{estimator name: UncertaintyOutput}`, tensors of shape `(batch_size, seq_len - prompt_length)`.
@@ -164,6 +168,7 @@ def score_tokens_many(
         if "calibrator" in estimator.inputs and calibrator is None:
             raise ValueError(f"Estimator '{estimator.name}' needs a fitted calibrator, and this composite has none. "
                              "Load a composite saved with one (the shipped default has it) or pick another estimator.")
+        _check_eu_head(estimator, eu_head)
     # One runner per distinct (model, perturbation seed): the target may serve as reference and as target.
     runners = {key: _ChunkedForward(model, input_ids, attention_mask, position_ids, *noise)
                for estimator_roles in roles.values() for members in estimator_roles.values()
@@ -173,19 +178,65 @@ def score_tokens_many(
 
     num_new = seq_len - prompt_length
     results: dict[str, dict[str, torch.Tensor]] = {e.name: {} for e in estimators}
-    with torch.no_grad():
+    recorder = TargetFeatureRecorder(target) if any("features" in e.inputs for e in estimators) else None
+    with torch.no_grad(), recorder or nullcontext(), recorder.pause() if recorder else nullcontext():
         for runner in runners.values():
             runner.prefill(prompt_length - 1)
         for start in range(prompt_length - 1, seq_len - 1, chunk_size):
             end = min(start + chunk_size, seq_len - 1)
             token_ids = input_ids[:, start + 1 : end + 1].flatten().to(_first_device(runners))  # (B*C,) predicted
-            outputs = {key: runner.outputs(start, end) for key, runner in runners.items()}
+            outputs = {key: _run_chunk(runner, start, end, recorder if key == id(target) else None)
+                       for key, runner in runners.items()}
             for estimator in estimators:
                 arguments = _chunk_arguments(roles[estimator.name], outputs, _first_device(runners))
-                output = estimator(**arguments, token_ids=token_ids, calibrator=calibrator)
+                output = estimator(**arguments, token_ids=token_ids, calibrator=calibrator, eu_head=eu_head)
                 _store(results[estimator.name], output, start - (prompt_length - 1), batch_size, num_new)
     mask = uncertainty_mask.to(torch.bool).cpu()
     return {name: _masked_output(values, mask) for name, values in results.items()}
+
+
+def reads_only_features(estimator: Estimator) -> bool:
+    """Whether `estimator` needs nothing but the target's recorded features (and the EU head): then the forward
+    passes of `generate` provide everything, and no model runs after decoding."""
+    return "features" in estimator.inputs and estimator.inputs <= {"features", "eu_head", "calibrator"}
+
+
+def score_recorded(estimator: Estimator, features, uncertainty_mask: torch.Tensor, *, eu_head: nn.Module | None = None,
+                   calibrator: Any = None) -> UncertaintyOutput:
+    """Uncertainty from features recorded while generating (`TargetFeatureRecorder.generated`), no model pass.
+
+    Args:
+        estimator: one for which `reads_only_features` holds.
+        features: `TargetFeatures` of shape `(batch_size, num_new_tokens)`.
+        uncertainty_mask: `(batch_size, num_new_tokens)` bool of tokens to report (0 elsewhere).
+    """
+    if not reads_only_features(estimator):
+        raise ValueError(f"Estimator '{estimator.name}' reads {sorted(estimator.inputs)}, not only recorded features.")
+    _check_eu_head(estimator, eu_head)
+    batch_size, num_new = features.values.shape[:2]
+    results: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        output = estimator(target_features=features.map(lambda t: t.flatten(0, 1)), eu_head=eu_head,
+                           calibrator=calibrator)  # (B*T,)
+    _store(results, output, 0, batch_size, num_new)
+    return _masked_output(results, uncertainty_mask.to(torch.bool).cpu())
+
+
+def _run_chunk(runner: _ChunkedForward, start: int, end: int, recorder: TargetFeatureRecorder | None):
+    """The runner's output at [start, end); with a recorder (the unperturbed target's runner), plus its features."""
+    if recorder is None:
+        return runner.outputs(start, end)
+    with recorder.recording():
+        output = runner.outputs(start, end)
+    output.target_features = recorder.pop()  # (B, C, ·)
+    return output
+
+
+def _check_eu_head(estimator: Estimator, eu_head: nn.Module | None) -> None:
+    if "eu_head" in estimator.inputs and eu_head is None:
+        raise ValueError(f"Estimator '{estimator.name}' reads a distilled EU head, and this composite has none. Load a "
+                         "composite saved with one (the shipped default has it), train one with "
+                         "`trainers.EUHeadTrainer`, or pick another estimator.")
 
 
 def _store(results: dict[str, torch.Tensor], output, column: int, batch_size: int, num_new: int) -> None:
@@ -227,6 +278,8 @@ def _select_models(
         selected["target"] = [(id(target), target, ())]
     if "perturbed" in estimator.inputs:
         selected["perturbed"] = _perturbed_members(estimator, target, perturbation, seeds)
+    if "features" in estimator.inputs:
+        selected["features"] = [(id(target), target, ())]
     if "student" in estimator.inputs:
         if student is None:
             raise ValueError(f"Estimator '{estimator.name}' reads a Gaussian-distilled student, and this composite "
@@ -258,6 +311,10 @@ def _chunk_arguments(roles: dict[str, _Members], outputs: dict[Any, Any], device
     """Every role's outputs at this chunk's positions, as estimator arguments, on the first model's device."""
     arguments = {}
     for role, members in roles.items():
+        if role == "features":
+            features = outputs[members[0][0]].target_features
+            arguments["target_features"] = features.map(lambda t: t.flatten(0, 1).to(device))  # (B*C, ·)
+            continue
         if role == "student":
             student_output = outputs[members[0][0]]
             arguments["student_logits"] = student_output.logits.float().flatten(0, 1).to(device)  # (B*C, V)

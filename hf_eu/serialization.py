@@ -10,6 +10,7 @@ Layout of a saved composite (the target's weights are never written; the config 
       proxy/                 same, when the composite has a proxy
       calibrator/            the fitted `EUCalibrator` of `hf_eu_calibrated`, when the composite has one
       student/               the Gaussian-distilled student, when the composite has one: head.safetensors
+      eu_head/               the distilled `EUHead` of estimator `eu_head`, when the composite has one
                              (factor head + fitted noise) and, unless its backbone is the target itself,
                              backbone/ (stored like a draft: full model, or adapter + base spec)
 
@@ -36,11 +37,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from .calibration import CALIBRATOR_FOLDER, EUCalibrator
+from .eu_head import EU_HEAD_FOLDER, EUHead
 from .configuration import CONFIG_NAME, UncertaintyAwareConfig, load_composite_config
 from .gaussian import GaussianFactorHead, GaussianStudentForCausalLM
 from .model_card import render_model_card
 
-__all__ = ["save_composite", "load_composite_parts", "load_calibrator", "load_student", "draft_folder", "PROXY_FOLDER",
+__all__ = ["save_composite", "load_composite_parts", "load_calibrator", "load_student", "load_eu_head", "draft_folder", "PROXY_FOLDER",
            "STUDENT_FOLDER", "ADAPTER_BASE_FILE"]
 
 PROXY_FOLDER = "proxy"
@@ -106,6 +108,7 @@ def save_composite(
     calibrator: EUCalibrator | None = None,
     student: GaussianStudentForCausalLM | None = None,
     target: nn.Module | None = None,
+    eu_head: EUHead | None = None,
 ) -> None:
     """Write config, drafts, proxy, calibrator, student and model card to `folder` atomically (replacing an existing one).
 
@@ -126,6 +129,9 @@ def save_composite(
             calibrator.save(os.path.join(staging, CALIBRATOR_FOLDER))
         config.has_student = student is not None
         config.student = _save_student(student, os.path.join(staging, STUDENT_FOLDER), target, dtype) if student is not None else {}
+        config.has_eu_head = eu_head is not None
+        if eu_head is not None:
+            eu_head.save(os.path.join(staging, EU_HEAD_FOLDER))
         render_model_card(config, repo_id=repo_id).save(os.path.join(staging, "README.md"))
         config.to_json_file(os.path.join(staging, CONFIG_NAME), use_diff=True)
         _replace_folder(staging, folder)
@@ -215,6 +221,20 @@ def load_calibrator(folder: str | os.PathLike, config: UncertaintyAwareConfig) -
     if getattr(config, "has_calibrator", False) or EUCalibrator.exists(path):
         return EUCalibrator.load(path)
     return None
+
+
+def load_eu_head(folder: str | os.PathLike, config: UncertaintyAwareConfig) -> EUHead | None:
+    """The composite's distilled EU head, or None when it has none; a config that promises one it lacks is an error."""
+    if not getattr(config, "has_eu_head", False):
+        return None
+    path = os.path.join(os.fspath(folder), EU_HEAD_FOLDER)
+    try:
+        return EUHead.load(path)
+    except FileNotFoundError as error:
+        raise ValueError(f"The saved composite is incomplete: {error} Re-save the composite.") from error
+    except (RuntimeError, ValueError, OSError) as error:
+        raise ValueError(f"The EU head in {path} is corrupt or does not match its config ({type(error).__name__}: "
+                         f"{error}); re-save the composite.") from error
 
 
 def _save_student(student: GaussianStudentForCausalLM, folder: str, target: nn.Module | None,

@@ -1,0 +1,259 @@
+"""Training data of the distilled EU head: target answers, their 16-copy ground-truth EU, and the head's features.
+
+Usage (the shipped head's data; about 25 minutes on 2 CPU cores, resumable):
+
+    python -m trainers.eu_head_data --output_dir .train-defaults/eu-head-data \\
+        --exclude_questions benchmarks/results/small/questions.json
+
+Stages, each resumable (a rerun skips every finished batch; files are written aside and renamed):
+1. questions: reasoning-gym presets from `question_seed` (a training seed, ≥ 1000), every text of
+   `exclude_questions` (the evaluation's sets) removed, written to `questions.json`;
+2. the target's greedy chat answers, `answers.json`;
+3. per batch of answers, `ground_truth-NNNNN.npz`: the mutual information of `num_perturbed` low-rank Gaussian
+   perturbations of the target (DESIGN.md §1's ground truth, on seeds `perturbation_seed_start …`, apart from the
+   evaluation's 0-15 and TokUR's 10000+), one value per answer token;
+4. per batch, `features-NNNNN.npz`: the head's inputs at the position predicting each answer token
+   (`hf_eu.eu_features`), from one teacher-forced target pass.
+`settings.json` records what the data depends on (target fingerprint, questions, perturbation); a rerun with
+other settings stops before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+__all__ = ["EUHeadDataArguments", "build_questions", "build_data", "load_data", "model_fingerprint"]
+
+
+@dataclass
+class EUHeadDataArguments:
+    """Arguments of `python -m trainers.eu_head_data`."""
+
+    output_dir: str = field(metadata={"help": "Folder of the data (resumed when it exists)."})
+    target: str = field(default="embedded", metadata={"help": "Target id or folder; 'embedded' = SmolLM2-135M."})
+    exclude_questions: list[str] = field(default_factory=list, metadata={
+        "help": "JSON files of question texts never to use (the evaluation's sets): a list, or {set: [texts]}."})
+    questions_per_task: str = field(default="gsm_symbolic=220,arith_chain_sum=120,arith_products=120,"
+                                            "arith_basic=120,arith_add_mul=60",
+                                    metadata={"help": "preset=count,... (trainers.questions.REASONING_GYM_PRESETS)."})
+    question_seed: int = field(default=2000, metadata={"help": "reasoning-gym seed (a training seed, ≥ 1000)."})
+    max_new_tokens: int = field(default=128, metadata={"help": "Longest answer."})
+    batch_size: int = field(default=8, metadata={"help": "Answers per generation and scoring batch."})
+    num_perturbed: int = field(default=16, metadata={"help": "Perturbed copies of the ground truth."})
+    perturbation_seed_start: int = field(default=20000, metadata={"help": "First perturbation seed (≥ 20000)."})
+    rank: int = field(default=8, metadata={"help": "Perturbation rank r."})
+    sigma: float = field(default=0.1, metadata={"help": "Perturbation scale σ."})
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"],
+                                      metadata={"help": "Perturbed layers."})
+    stage: str = field(default="all", metadata={"help": "'all', 'ground_truth' (stages 1-3) or 'features' (stage 4; "
+                                                           "1-3 must be complete)."})
+
+    def __post_init__(self):
+        if self.question_seed < 1000:
+            raise ValueError(f"`question_seed` must be a training seed (≥ 1000), got {self.question_seed}.")
+        if self.perturbation_seed_start < 20000:
+            raise ValueError(f"`perturbation_seed_start` must be ≥ 20000 (the evaluation uses 0-15, TokUR 10000+), "
+                             f"got {self.perturbation_seed_start}.")
+        if self.stage not in ("all", "ground_truth", "features"):
+            raise ValueError(f"`stage` must be 'all', 'ground_truth' or 'features', got {self.stage!r}.")
+        if self.num_perturbed < 2:
+            raise ValueError(f"`num_perturbed` must be ≥ 2, got {self.num_perturbed}.")
+
+
+def _plan(spec: str) -> list[tuple[str, int]]:
+    plan = []
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        task, _, count = part.partition("=")
+        if not count.isdigit():
+            raise ValueError(f"`questions_per_task` entries look like 'preset=count', got {part!r}.")
+        plan.append((task, int(count)))
+    return plan
+
+
+def _excluded(paths: list[str]) -> set[str]:
+    texts: set[str] = set()
+    for path in paths:
+        payload = json.load(open(path))
+        for group in (payload.values() if isinstance(payload, dict) else [payload]):
+            texts |= {q["question"] if isinstance(q, dict) else q for q in group}
+    return texts
+
+
+def build_questions(args: EUHeadDataArguments) -> list[dict]:
+    """The questions of `args`: each preset's count, no text repeated or in `exclude_questions`."""
+    from trainers.questions import reasoning_gym_questions
+
+    seen = _excluded(args.exclude_questions)
+    chosen = []
+    for task, count in _plan(args.questions_per_task):
+        pool = reasoning_gym_questions(task, 6 * count + 16, seed=args.question_seed)
+        chosen += [q for q in pool if q["question"] not in seen and not seen.add(q["question"])][:count]
+    return chosen
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """A hash of a model's parameter names, shapes and a sample of its values: tells two models apart."""
+    digest = hashlib.sha256()
+    for name, parameter in model.state_dict().items():
+        flat = parameter.detach().flatten()
+        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
+        digest.update(f"{name}{tuple(parameter.shape)}".encode())
+        digest.update(np.round(sample.astype(np.float64), 6).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _write(path: str, write) -> None:
+    temporary = path + ".tmp" + (".npz" if path.endswith(".npz") else "")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def _write_json(path: str, payload) -> None:
+    def write(temporary):
+        with open(temporary, "w") as handle:
+            json.dump(payload, handle, indent=1)
+    _write(path, write)
+
+
+def _check_settings(args: EUHeadDataArguments, fingerprint: str) -> None:
+    settings = {k: v for k, v in asdict(args).items() if k not in ("output_dir", "stage", "exclude_questions")}
+    settings["target_fingerprint"] = fingerprint
+    path = os.path.join(args.output_dir, "settings.json")
+    if os.path.isfile(path):
+        stored = json.load(open(path))
+        if stored != settings:
+            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+            raise ValueError(f"{args.output_dir} holds data made with other settings ({changed}); pass another "
+                             "`output_dir`, or the settings it was made with.")
+    else:
+        os.makedirs(args.output_dir, exist_ok=True)
+        _write_json(path, settings)
+
+
+def _answers(args, target, tokenizer, questions) -> list[dict]:
+    from trainers.calibration import answer_greedily
+
+    path = os.path.join(args.output_dir, "answers.json")
+    if os.path.isfile(path):
+        return json.load(open(path))
+    rows = []
+    for answer, question in zip(answer_greedily(target, tokenizer, [q["question"] for q in questions],
+                                                max_new_tokens=args.max_new_tokens, batch_size=args.batch_size),
+                                questions):
+        rows.append({"question": question["question"], "task": question.get("task"), "text": answer["text"],
+                     "prompt_ids": answer["prompt_ids"].tolist(), "answer_ids": answer["answer_ids"].tolist()})
+    _write_json(path, rows)
+    return rows
+
+
+def _batch(rows: list[dict], pad_id: int):
+    from trainers.calibration import Answer, _answer_batch
+
+    answers = [Answer(prompt_ids=torch.tensor(r["prompt_ids"]), answer_ids=torch.tensor(r["answer_ids"], dtype=torch.long))
+               for r in rows]
+    return _answer_batch(answers, pad_id)  # ids, mask (B, P + T), P, answer mask (B, T)
+
+
+def _ground_truth(args, target, batch_rows, pad_id, perturbation) -> np.ndarray:
+    from hf_eu.estimators import perturbed_ensemble_estimator
+    from hf_eu.scoring import score_tokens_many
+
+    ids, mask, prompt_length, answer_mask = _batch(batch_rows, pad_id)
+    estimator = perturbed_ensemble_estimator(args.num_perturbed, "ground_truth")
+    seeds = list(range(args.perturbation_seed_start, args.perturbation_seed_start + args.num_perturbed))
+    out = score_tokens_many([estimator], ids, prompt_length, drafts=[], proxy=None, target=target, attention_mask=mask,
+                            uncertainty_mask=answer_mask, perturbation=perturbation, perturbation_seeds=seeds,
+                            max_chunk_elements=2**28)["ground_truth"]
+    return out.epistemic_uncertainty[answer_mask].double().numpy()  # (sum T,)
+
+
+def _features(target, batch_rows, pad_id) -> dict[str, np.ndarray]:
+    from hf_eu.eu_features import teacher_forced_features
+
+    ids, mask, prompt_length, answer_mask = _batch(batch_rows, pad_id)
+    features = teacher_forced_features(target, ids, prompt_length, attention_mask=mask)  # (B, T, ·)
+    return {"values": features.values[answer_mask].numpy(),  # (sum T, F)
+            "topk_ids": features.topk_ids[answer_mask].int().numpy(),  # (sum T, k)
+            "topk_logps": features.topk_logps[answer_mask].numpy()}  # (sum T, k)
+
+
+def build_data(args: EUHeadDataArguments) -> str:
+    """Run the stages of the module docstring; returns `args.output_dir`."""
+    from hf_eu.perturbation import LowRankGaussianPerturbation
+    from trainers.script_utils import load_target
+    from transformers import AutoTokenizer
+
+    target = load_target(args.target)
+    tokenizer = AutoTokenizer.from_pretrained(target.name_or_path)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    _check_settings(args, model_fingerprint(target))
+    questions_path = os.path.join(args.output_dir, "questions.json")
+    if not os.path.isfile(questions_path):
+        _write_json(questions_path, build_questions(args))
+    rows = _answers(args, target, tokenizer, json.load(open(questions_path)))
+    perturbation = LowRankGaussianPerturbation(target, rank=args.rank, sigma=args.sigma,
+                                               target_modules=args.target_modules)
+    starts = list(range(0, len(rows), args.batch_size))
+    for number, start in enumerate(tqdm(starts, desc="eu head data")):
+        batch_rows = [r for r in rows[start:start + args.batch_size] if r["answer_ids"]]
+        if not batch_rows:
+            continue
+        gt_path = os.path.join(args.output_dir, f"ground_truth-{number:05d}.npz")
+        if not os.path.isfile(gt_path):
+            if args.stage == "features":
+                raise ValueError(f"{gt_path} is missing; run with `--stage ground_truth` (or all) first.")
+            values = _ground_truth(args, target, batch_rows, pad_id, perturbation)
+            _write(gt_path, lambda p: np.savez(p, ground_truth=values))
+        features_path = os.path.join(args.output_dir, f"features-{number:05d}.npz")
+        if args.stage != "ground_truth" and not os.path.isfile(features_path):
+            arrays = _features(target, batch_rows, pad_id)
+            _write(features_path, lambda p: np.savez(p, **arrays))
+    return args.output_dir
+
+
+def load_data(folder: str) -> dict[str, np.ndarray]:
+    """`{"values": (N, F), "topk_ids": (N, k), "topk_logps": (N, k), "ground_truth": (N,), "answer_index": (N,)}`
+    over every batch of `folder`.
+
+    A batch whose features and ground truth disagree in length, or that lacks one of them, raises.
+    """
+    rows = json.load(open(os.path.join(folder, "answers.json")))
+    settings = json.load(open(os.path.join(folder, "settings.json")))
+    features, truth, index = {"values": [], "topk_ids": [], "topk_logps": []}, [], []
+    for number, start in enumerate(range(0, len(rows), settings["batch_size"])):
+        batch = [i for i in range(start, min(start + settings["batch_size"], len(rows))) if rows[i]["answer_ids"]]
+        if not batch:
+            continue
+        paths = [os.path.join(folder, f"{kind}-{number:05d}.npz") for kind in ("features", "ground_truth")]
+        if not all(os.path.isfile(p) for p in paths):
+            raise ValueError(f"Batch {number} of {folder} is unfinished ({paths}); rerun trainers.eu_head_data.")
+        batch_features, batch_truth = dict(np.load(paths[0])), np.load(paths[1])["ground_truth"]
+        expected = sum(len(rows[i]["answer_ids"]) for i in batch)
+        if any(len(v) != expected for v in batch_features.values()) or len(batch_truth) != expected:
+            raise ValueError(f"Batch {number} of {folder} holds {len(batch_features['values'])} feature rows and "
+                             f"{len(batch_truth)} ground-truth values for {expected} answer tokens; delete both files "
+                             "and rerun.")
+        for name in features:
+            features[name].append(batch_features[name])
+        truth.append(batch_truth)
+        index.append(np.concatenate([np.full(len(rows[i]["answer_ids"]), i) for i in batch]))
+    return {**{name: np.concatenate(parts) for name, parts in features.items()},
+            "ground_truth": np.concatenate(truth), "answer_index": np.concatenate(index)}
+
+
+def main(argv=None) -> None:
+    from transformers import HfArgumentParser
+
+    (args,) = HfArgumentParser(EUHeadDataArguments).parse_args_into_dataclasses(argv)
+    print(build_data(args))
+
+
+if __name__ == "__main__":
+    main()

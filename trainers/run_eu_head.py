@@ -1,0 +1,122 @@
+# /// script
+# dependencies = ["hf_eu", "reasoning-gym>=0.1.20"]
+# ///
+"""Train the distilled EU head on ground-truth data and add it to a composite.
+
+Usage (the shipped head; data from `python -m trainers.eu_head_data`, training about a minute on 2 CPU cores):
+
+    python -m trainers.run_eu_head --data_dir .train-defaults/eu-head-data --output_dir .train-defaults/eu-head \\
+        --composite hf_eu/defaults/smollm2-135m-instruct --composite_output_dir .train-defaults/eu-head-composite \\
+        --num_train_epochs 30 --per_device_train_batch_size 256 --learning_rate 3e-3
+
+On a GPU, for your own target: generate the data with `--target your/model` (the 16 perturbed passes are the
+cost; a few thousand answers take minutes on one GPU), then train here with `--target your/model`; the head
+trains in seconds either way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+from transformers import HfArgumentParser
+
+from hf_eu.eu_features import feature_names
+from hf_eu.eu_head import EUHead
+
+from .eu_head_config import EUHeadConfig
+from .eu_head_data import load_data
+from .eu_head_trainer import EUHeadTrainer, eu_head_dataset, set_input_statistics
+from .script_utils import load_target
+
+__all__ = ["EUHeadScriptArguments", "train_eu_head", "main"]
+
+
+@dataclass
+class EUHeadScriptArguments:
+    """Arguments of `python -m trainers.run_eu_head` besides `EUHeadConfig`."""
+
+    data_dir: str = field(metadata={"help": "Folder written by trainers.eu_head_data."})
+    target: str = field(default="embedded", metadata={"help": "The target the data was made with."})
+    num_directions: int = field(default=16, metadata={"help": "Learned logit directions q of the head."})
+    hidden_sizes: list[int] = field(default_factory=lambda: [64, 64], metadata={"help": "Perceptron widths."})
+    holdout_fraction: float = field(default=0.0, metadata={
+        "help": "Answers held out (by answer) to report validation Spearman/RMSE; 0 trains on all."})
+    composite: str | None = field(default=None, metadata={"help": "Composite folder to add the head to."})
+    composite_output_dir: str | None = field(default=None, metadata={"help": "Where the composite with the head goes."})
+    seed_split: int = field(default=0, metadata={"help": "Seed of the holdout split."})
+
+
+def _split(data: dict[str, np.ndarray], fraction: float, seed: int):
+    answers = np.unique(data["answer_index"])
+    held = set(np.random.default_rng(seed).permutation(answers)[: int(round(fraction * len(answers)))].tolist())
+    mask = np.array([a in held for a in data["answer_index"]])
+    return ({k: v[~mask] for k, v in data.items()}, {k: v[mask] for k, v in data.items()} if mask.any() else None)
+
+
+def _validation(head: EUHead, rows: dict[str, np.ndarray]) -> dict[str, float]:
+    import torch
+    from scipy.stats import spearmanr
+
+    from .eu_head_trainer import batch_features
+
+    dataset = eu_head_dataset(rows)
+    with torch.no_grad():
+        predicted = head(batch_features(dataset[:])).double().numpy()
+    truth = rows["ground_truth"]
+    return {"tokens": int(len(truth)), "spearman": round(float(spearmanr(predicted, truth)[0]), 4),
+            "rmse": round(float(np.sqrt(np.mean((predicted - truth) ** 2))), 5)}
+
+
+def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig) -> EUHead:
+    """Train a head on `script.data_dir` (see the module docstring); returns it, attached to the target."""
+    target = load_target(script.target)
+    data = load_data(script.data_dir)
+    train_rows, held_rows = _split(data, script.holdout_fraction, script.seed_split)
+    settings = json.load(open(os.path.join(script.data_dir, "settings.json")))
+    info = {"data": script.data_dir, "tokens": int(len(train_rows["ground_truth"])),
+            "answers": int(len(np.unique(train_rows["answer_index"]))), "data_settings": settings,
+            "loss": {"log_loss_weight": config.log_loss_weight, "raw_loss_weight": config.raw_loss_weight,
+                     "eu_floor": config.eu_floor},
+            "steps": {"epochs": config.num_train_epochs, "batch_size": config.per_device_train_batch_size,
+                      "learning_rate": config.learning_rate, "seed": config.seed}}
+    head = EUHead(feature_names(target), target.get_output_embeddings().weight.shape[1], script.num_directions,
+                  tuple(script.hidden_sizes), top_k=train_rows["topk_ids"].shape[1], info=info).attach(target)
+    dataset = eu_head_dataset(train_rows)
+    set_input_statistics(head, dataset)
+    trainer = EUHeadTrainer(model=head, args=config, train_dataset=dataset)
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)
+    head.eval()
+    if held_rows is not None:
+        head.info["validation"] = _validation(head, held_rows)
+        print("validation", head.info["validation"])
+    head.save(os.path.join(config.output_dir, "eu_head"))
+    return head
+
+
+def _add_to_composite(head: EUHead, composite: str, output_dir: str) -> None:
+    from hf_eu import UncertaintyAwareModelForCausalLM
+    from hf_eu.embedded import load_embedded_target
+
+    target, _ = load_embedded_target()
+    model = UncertaintyAwareModelForCausalLM.from_pretrained(composite, target=target)
+    model.eu_head = head.attach(model.target)
+    model.save_pretrained(output_dir)
+    print(f"composite with the EU head saved in {output_dir}")
+
+
+def main(argv=None) -> None:
+    script, config = HfArgumentParser((EUHeadScriptArguments, EUHeadConfig)).parse_args_into_dataclasses(argv)
+    if not 0 <= script.holdout_fraction < 1:
+        raise ValueError(f"`holdout_fraction` must be in [0, 1), got {script.holdout_fraction}.")
+    head = train_eu_head(script, config)
+    if script.composite and script.composite_output_dir:
+        _add_to_composite(head, script.composite, script.composite_output_dir)
+    if config.push_to_hub:
+        raise ValueError("Push the composite (`UncertaintyAwareModelForCausalLM.push_to_hub`), not the head alone.")
+
+
+if __name__ == "__main__":
+    main()
