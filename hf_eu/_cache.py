@@ -24,7 +24,11 @@ def _argument_for(forward) -> str:
 
 
 def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
-    """`{name: cache}` with the forward argument name `model` expects (`cache` from transformers 5.24 on)."""
+    """`{name: cache}` with the forward argument name `model` expects (`cache` from transformers 5.24 on).
+
+    A peft model forwards its keyword arguments to the model it wraps, so that model's signature decides."""
+    base = getattr(model, "get_base_model", None)
+    model = base() if callable(base) else model
     forward = getattr(type(model), "forward", None)
     name = _argument_for(forward) if forward is not None else "past_key_values"
     return {name: cache}

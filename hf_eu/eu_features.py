@@ -101,10 +101,11 @@ class TargetFeatureRecorder:
         model: the target (a transformers causal LM or a peft model on one).
         module_names: layers whose input norms are recorded (default: q_proj, v_proj).
         top_k: number of most likely tokens recorded.
+        record: whether calls are recorded outside `pause()` / `recording()` blocks (default True).
     """
 
     def __init__(self, model: nn.Module, module_names: Sequence[str] = DEFAULT_FEATURE_MODULES,
-                 top_k: int = DEFAULT_TOP_K):
+                 top_k: int = DEFAULT_TOP_K, record: bool = True):
         self.model = model
         self.layers = feature_layers(model, module_names)
         self.head = model.get_output_embeddings()
@@ -114,7 +115,7 @@ class TargetFeatureRecorder:
         self.calls: list[TargetFeatures] = []
         self._norms: list[torch.Tensor] = []
         self._handles: list = []
-        self._recording = True
+        self._recording = record
 
     def _record_norm(self, module, args):
         if self._recording:

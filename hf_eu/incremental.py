@@ -34,8 +34,9 @@ import torch
 from torch import nn
 
 from ._cache import cache_argument, output_cache
+from .eu_features import TargetFeatureRecorder
 from .estimators import Estimator, EstimatorOutput, get_estimator
-from .scoring import _chunk_arguments, _select_models
+from .scoring import _check_eu_head, _chunk_arguments, _select_models
 
 __all__ = ["IncrementalScorer"]
 
@@ -43,8 +44,10 @@ __all__ = ["IncrementalScorer"]
 class _CachedModel:
     """One model (or one perturbed copy of it) advanced position by position through its own KV cache."""
 
-    def __init__(self, model: nn.Module, perturbation: Any = None, seed: int | None = None):
+    def __init__(self, model: nn.Module, perturbation: Any = None, seed: int | None = None,
+                 recorder: TargetFeatureRecorder | None = None):
         self.model = model
+        self.recorder = recorder  # records the target's features at each position it is fed (estimators reading them)
         self.device = model.device if hasattr(model, "device") else next(model.parameters()).device
         self.perturbation, self.seed = perturbation, seed
         self.cache = None
@@ -53,7 +56,7 @@ class _CachedModel:
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> None:
         """Feed `input_ids` (B, C) after what the cache holds; keep the output at the last position."""
         context = self.perturbation.apply(self.seed) if self.perturbation is not None else nullcontext()
-        with context:
+        with context, self.recorder.recording() if self.recorder is not None else nullcontext():
             output = self.model(
                 input_ids=input_ids.to(self.device),
                 attention_mask=attention_mask.to(self.device),
@@ -64,9 +67,11 @@ class _CachedModel:
             )
         self.cache = output_cache(output)
         factor_logits = getattr(output, "factor_logits", None)  # a Gaussian-distilled student's, (B, C, q, V)
+        features = self.recorder.pop().map(lambda t: t[:, -1:]) if self.recorder is not None else None  # (B, 1, ·)
         self.last_output = SimpleNamespace(
             logits=output.logits[:, -1:],  # (B, 1, V)
             factor_logits=None if factor_logits is None else factor_logits[:, -1:],  # (B, 1, q, V)
+            target_features=features,
         )
 
 
@@ -95,12 +100,13 @@ class IncrementalScorer:
     def __init__(self, eu_model: Any = None, *, estimator: str | Estimator | None = None,
                  drafts: Sequence[nn.Module] | None = None, proxy: nn.Module | None = None,
                  target: nn.Module | None = None, student: nn.Module | None = None, calibrator: Any = None,
-                 perturbation: Any = None, perturbation_seeds: Sequence[int] | None = None):
+                 perturbation: Any = None, perturbation_seeds: Sequence[int] | None = None, eu_head: nn.Module | None = None):
         if eu_model is not None:
-            if any(part is not None for part in (drafts, proxy, target, student, calibrator, perturbation)):
+            if any(part is not None for part in (drafts, proxy, target, student, calibrator, perturbation, eu_head)):
                 raise ValueError("Pass either `eu_model` or the parts (`drafts=`, `proxy=`, `target=`, …), not both.")
             drafts, proxy, target = list(eu_model.drafts), eu_model.proxy, eu_model.target
             student = getattr(eu_model, "student", None)
+            eu_head = getattr(eu_model, "eu_head", None)
             estimator = estimator or eu_model.config.estimator
         self.estimator = estimator if isinstance(estimator, Estimator) else get_estimator(estimator or "hf_eu")
         if eu_model is not None and hasattr(eu_model, "_scoring_extras"):  # calibrator, perturbation, as generate
@@ -116,6 +122,10 @@ class IncrementalScorer:
         if "draft" in self.roles and not self.roles["draft"]:
             raise ValueError(f"Estimator '{self.estimator.name}' reads the drafts but `drafts` is empty.")
         self.calibrator = calibrator
+        _check_eu_head(self.estimator, eu_head)
+        self.eu_head = eu_head
+        self.target = target
+        self._recorder = None  # hooks on the target while started, for estimators reading its features
         self._models: dict[Any, _CachedModel] = {}
         self._attention_mask: torch.Tensor | None = None  # (B, L) of everything fed so far
         self._next_position: torch.Tensor | None = None  # (B,) position id of the next token
@@ -131,6 +141,9 @@ class IncrementalScorer:
 
     def reset(self) -> None:
         """Drop the caches; the next use must call `start` again."""
+        if self._recorder is not None:
+            self._recorder.__exit__(None, None, None)
+            self._recorder = None
         self._models = {}
         self._attention_mask = None
         self._next_position = None
@@ -147,8 +160,11 @@ class IncrementalScorer:
         attention_mask = attention_mask.long().cpu()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (B, P), as generate builds them
         # One cache per distinct (model, perturbation seed): the target may serve as reference and as target.
-        self._models = {key: _CachedModel(model, *noise) for members in self.roles.values()
-                        for key, model, noise in members}
+        self.reset()
+        if "features" in self.roles:  # hooks that record only the scorer's own target passes
+            self._recorder = TargetFeatureRecorder(self.target, record=False).__enter__()
+        self._models = {key: _CachedModel(model, *noise, recorder=self._recorder if key == id(self.target) else None)
+                        for members in self.roles.values() for key, model, noise in members}
         with torch.no_grad():
             for model in self._models.values():
                 model.forward(input_ids, attention_mask, position_ids)
@@ -174,7 +190,7 @@ class IncrementalScorer:
                              "pass one new token per row, shape (batch_size,).")
         with torch.no_grad():
             output = self.estimator(**self._arguments(), token_ids=token_ids.to(self._device()),
-                                    calibrator=self.calibrator)
+                                    calibrator=self.calibrator, eu_head=self.eu_head)
             self._attention_mask = torch.cat([self._attention_mask, torch.ones_like(token_ids)[:, None]], 1)  # (B, L+1)
             position_ids = self._next_position[:, None]  # (B, 1)
             for model in self._models.values():
@@ -192,4 +208,4 @@ class IncrementalScorer:
 
 
 def _needs_target(estimator: Estimator, proxy: nn.Module | None) -> bool:
-    return bool({"target", "perturbed"} & estimator.inputs) or ("reference" in estimator.inputs and proxy is None)
+    return bool({"target", "perturbed", "features"} & estimator.inputs) or ("reference" in estimator.inputs and proxy is None)

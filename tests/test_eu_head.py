@@ -231,3 +231,39 @@ def test_trainer_config_validates():
         EUHeadConfig(output_dir="unused", eu_floor=0.0, report_to=[])
     with pytest.raises(ValueError, match="log_loss_weight"):
         EUHeadConfig(output_dir="unused", log_loss_weight=0.0, raw_loss_weight=0.0, report_to=[])
+
+
+def _stream(model, streamer, inputs, **kwargs):
+    from threading import Thread
+
+    thread = Thread(target=model.generate, kwargs=dict(**inputs, streamer=streamer, **kwargs))
+    thread.start()
+    pieces = list(streamer)
+    thread.join()
+    return [value for piece in pieces for value in piece.eu]
+
+
+def test_streaming_reads_the_generating_passes(head_model):
+    from transformers import AutoTokenizer  # noqa: F401  (the streamers decode with any tokenizer-like object)
+
+    from hf_eu import EUTextIteratorStreamer
+
+    class Digits:  # a minimal tokenizer: every id decodes to its own characters
+        def decode(self, ids, **kwargs):
+            return "".join(f"<{i}>" for i in ids)
+
+    inputs = {"input_ids": torch.tensor([[1, 7, 11, 3]])}
+    calls, handle = _count_calls(head_model.target)
+    try:
+        streamed = _stream(head_model, EUTextIteratorStreamer(Digits(), head_model), inputs, max_new_tokens=6,
+                           min_new_tokens=6, do_sample=False)
+    finally:
+        handle.remove()
+    assert len(calls) == 6  # no pass besides the decoding ones
+    reference = head_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                                    return_dict_in_generate=True)
+    assert_close(torch.tensor(streamed), reference.epistemic_uncertainty[0], atol=1e-5, rtol=1e-4)
+    # assisted decoding: the target's calls cover several tokens, so the streamer hands over to an IncrementalScorer
+    assisted = _stream(head_model, EUTextIteratorStreamer(Digits(), head_model), inputs, max_new_tokens=6,
+                       min_new_tokens=6, do_sample=False, assistant_draft=0)
+    assert_close(torch.tensor(assisted), reference.epistemic_uncertainty[0], atol=1e-5, rtol=1e-4)
