@@ -42,6 +42,8 @@ def estimator_names(models: Models) -> list[str]:
         names.append("hf_eu_calibrated")
     if models.student is not None:
         names += ["gaussian_distill", "gaussian_distill_sampled"]
+    if models.eu_head is not None:
+        names.append("eu_head")
     return names
 
 
@@ -97,7 +99,7 @@ def _score_batch(models: Models, names: list[str], batch: list[Answer], scale: S
     outputs = {}
     if main:
         outputs = score_tokens_many(main, ids, prompt_length, drafts=models.drafts, student=models.student,
-                                    calibrator=models.calibrator, **common)
+                                    calibrator=models.calibrator, eu_head=models.eu_head, **common)
     if "hf_eu_idd" in names:
         outputs.update(score_tokens_many([get_estimator("hf_eu_idd")], ids, prompt_length, drafts=models.idd_drafts,
                                          **common))
@@ -149,7 +151,7 @@ def estimator_flops(models: Models, name: str, scale: Scale) -> float:
         flops += sum(forward_flops(d) for d in drafts[: estimator.max_drafts or len(drafts)])
     if "reference" in estimator.inputs:
         flops += forward_flops(models.proxy if models.proxy is not None else models.target)
-    if "target" in estimator.inputs:
+    if "target" in estimator.inputs or "features" in estimator.inputs:  # features: one teacher-forced target pass
         flops += forward_flops(models.target)
     flops += estimator.num_perturbed * forward_flops(models.target)
     if "student" in estimator.inputs and models.student is not None:  # backbone + factor head + q extra head rows
@@ -178,7 +180,7 @@ def collect_timing(models: Models, answers: list[Answer], scale: Scale, folder: 
             began = time.perf_counter()
             score_tokens_many([get_estimator(name)], ids, prompt_length, drafts=drafts, proxy=models.proxy,
                               target=models.target, attention_mask=mask, uncertainty_mask=answer_mask,
-                              student=models.student, calibrator=models.calibrator,
+                              student=models.student, calibrator=models.calibrator, eu_head=models.eu_head,
                               perturbation=perturbation, perturbation_seeds=_seeds(scale).get(name))
             seconds += time.perf_counter() - began
         timing[name] = seconds / len(subset)

@@ -131,6 +131,8 @@ def run(argv=None) -> dict:
     results.update(build_results(evaluated, data["calib"]["scores"], names, _costs(models, names, timings, scale),
                                  scale.bootstrap, scale.cv_seeds))
     os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "questions.json"), "w") as handle:  # the evaluated texts: nothing may train on them
+        json.dump({name: [q["question"] for q in qs] for name, qs in questions.items()}, handle, indent=1)
     with open(os.path.join(out, "results.json"), "w") as handle:
         json.dump(results, handle, indent=1)
     with open(os.path.join(out, "results.md"), "w") as handle:
