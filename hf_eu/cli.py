@@ -104,7 +104,9 @@ def _add_score_command(commands) -> None:
             "every input row plus tokens, token_ids, epistemic_uncertainty, eu_variance, eu_bias and "
             "eu_sum/eu_mean/eu_max, in input order. A malformed line stops the run before anything is scored.",
             "Resumable: finished batches go to OUT.parts/; run the same command again after an interruption and "
-            "only the missing rows are scored. OUT appears only once complete.",
+            "only the missing rows are scored. OUT appears only once complete. Resuming with another input, other "
+            "settings or another model (a hash of the composite's weights and config) is refused, as is an OUT that "
+            "is the INPUT itself.",
             "Several processes: run it unchanged under `accelerate launch --multi_gpu --num_processes N -m hf_eu.cli "
             "score ...` (also on CPU-only machines, where the processes use gloo); process p scores rows p, p+N, ... "
             "and the main process merges them in input order."),
@@ -265,8 +267,9 @@ def _print_coloured(record: dict[str, Any]) -> None:
 
 # ------------------------------------------------------------------------------------------------- score
 def _score(args: argparse.Namespace) -> None:
-    from .jsonl_scoring import process_state, read_pairs, score_jsonl
+    from .jsonl_scoring import check_paths, process_state, read_pairs, score_jsonl
 
+    check_paths(args.input, args.out)  # --out X on input X would replace the input: refused before anything
     read_pairs(args.input, args.prompt_field, args.answer_field)  # a bad input fails before the model loads
     model, tokenizer = _load(args)
     state = process_state(force_cpu=args.cpu)

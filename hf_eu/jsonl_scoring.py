@@ -14,8 +14,12 @@
 
 Interrupt it at any point and run the same command again: rows already in a part file are not
 rescored, a line cut off mid-write is dropped and redone, and the output appears only once complete.
-The parts folder records a fingerprint of the input file and the settings; resuming with a different
-input or different settings is refused instead of mixing results.
+The parts folder records a fingerprint of the input file, the settings and the composite itself
+(`hf_eu.fingerprint.model_fingerprint`: weights and config of target, drafts, proxy, …); resuming with
+a different input, different settings or another model is refused, before anything is written,
+instead of mixing results. A complete line of a part file that is not a scored row of this input
+(damaged, or a row that does not match its input line) stops the run with the file and line named.
+The output may not be the input itself (nor lie in the parts folder that `--overwrite` deletes).
 
 Prompt and answer are tokenized separately (the prompt with the tokenizer's special tokens, or through
 its chat template as one user message; the answer without special tokens) and concatenated as ids, so
@@ -37,9 +41,10 @@ from tqdm.auto import tqdm
 
 from ._atomic import atomic_output
 from .aggregation import aggregate_uncertainty
+from .fingerprint import model_fingerprint
 from .viz import token_strings
 
-__all__ = ["score_jsonl", "read_pairs", "parts_folder", "process_state"]
+__all__ = ["score_jsonl", "read_pairs", "parts_folder", "process_state", "check_paths"]
 
 _FINGERPRINT_FILE = "fingerprint.json"
 
@@ -47,6 +52,23 @@ _FINGERPRINT_FILE = "fingerprint.json"
 def parts_folder(output_path: str | os.PathLike) -> str:
     """The folder holding the part files of an unfinished run writing `output_path`."""
     return os.fspath(output_path) + ".parts"
+
+
+def check_paths(input_path: str | os.PathLike, output_path: str | os.PathLike) -> None:
+    """Refuse an output that is the input itself, or an input inside the output's parts folder.
+
+    Either would destroy the input: the output replaces its file once complete, and `--overwrite`
+    deletes the parts folder first.
+    """
+    source, out = os.path.realpath(os.fspath(input_path)), os.path.realpath(os.fspath(output_path))
+    same = source == out or (os.path.exists(source) and os.path.exists(out) and os.path.samefile(source, out))
+    if same:
+        raise ValueError(f"--out {os.fspath(output_path)!r} is the input file itself: writing it would replace the "
+                         "rows being scored. Choose another --out; nothing was scored.")
+    parts = os.path.realpath(parts_folder(output_path))
+    if source.startswith(parts.rstrip(os.sep) + os.sep):
+        raise ValueError(f"The input {os.fspath(input_path)!r} lies in {parts!r}, the parts folder of --out, which "
+                         "the run deletes; move the input or choose another --out. Nothing was scored.")
 
 
 def read_pairs(path: str | os.PathLike, prompt_field: str = "prompt", answer_field: str = "answer") -> list[dict]:
@@ -122,8 +144,11 @@ def _check_fingerprint(folder: str, fingerprint: dict[str, Any]) -> None:
             recorded = json.load(handle)
         if recorded != fingerprint:
             changed = sorted(k for k in set(recorded) | set(fingerprint) if recorded.get(k) != fingerprint.get(k))
-            raise ValueError(f"{folder!r} holds parts of a run with a different {', '.join(changed)}; resume with the "
-                             "same input and settings, or delete that folder (or pass --overwrite) to start over.")
+            model = (" (weights_sha256: another composite, target or dtype scored those rows; resume with the same "
+                     "--model, --target and --dtype)") if "weights_sha256" in changed else ""
+            raise ValueError(f"{folder!r} holds parts of a run with a different {', '.join(changed)}{model}; resume "
+                             "with the same input, settings and model, or delete that folder (or pass --overwrite) "
+                             "to start over. Nothing was written.")
         return
     with atomic_output(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
         json.dump(fingerprint, handle, indent=1)
@@ -137,15 +162,47 @@ def _complete_lines(path: str) -> Iterator[str]:
                 yield line
 
 
-def _read_parts(folder: str) -> dict[int, dict]:
-    """Every scored row in the part files, by input index."""
+_SCORED_LISTS = ("tokens", "token_ids", "epistemic_uncertainty")
+
+
+def _record_problem(record: Any, rows: list[dict] | None, fields: tuple[str, str]) -> str | None:
+    """What is wrong with one part-file record (None if it is a scored row of this input)."""
+    if not isinstance(record, dict) or not isinstance(record.get("row"), dict):
+        return "not a record of the form {\"index\": ..., \"row\": {...}}"
+    index, row = record.get("index"), record["row"]
+    if not isinstance(index, int) or isinstance(index, bool) or index < 0:
+        return f"index {index!r} is not a row number"
+    if rows is not None:
+        if index >= len(rows):
+            return f"index {index} is past the input's {len(rows)} rows"
+        changed = [f for f in fields if row.get(f) != rows[index].get(f)]
+        if changed:
+            return f"its {', '.join(changed)} differ from input row {index}"
+    lists = [row.get(name) for name in _SCORED_LISTS]
+    if not all(isinstance(v, list) for v in lists) or len({len(v) for v in lists}) != 1 or not lists[0]:
+        return f"row {index} lacks its scored tokens ({', '.join(_SCORED_LISTS)} of one non-zero length)"
+    return None
+
+
+def _read_parts(folder: str, rows: list[dict] | None = None, fields: tuple[str, str] = ("prompt", "answer")
+                ) -> dict[int, dict]:
+    """Every scored row in the part files, by input index; a damaged or foreign complete line is an error."""
     done: dict[int, dict] = {}
     if not os.path.isdir(folder):
         return done
     for name in sorted(os.listdir(folder)):
         if name.startswith("process-") and name.endswith(".jsonl"):
-            for line in _complete_lines(os.path.join(folder, name)):
-                record = json.loads(line)
+            path = os.path.join(folder, name)
+            for number, line in enumerate(_complete_lines(path), start=1):
+                try:
+                    record = json.loads(line)
+                    problem = _record_problem(record, rows, fields)
+                except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                    problem = f"not valid JSON ({error})"
+                if problem is not None:
+                    raise ValueError(f"Part file {path}, line {number}, is damaged: {problem}. Its rows cannot be "
+                                     "trusted; delete that file (its rows are scored again) or pass --overwrite to "
+                                     "start over. Nothing was written.")
                 done.setdefault(record["index"], record["row"])
     return done
 
@@ -220,8 +277,9 @@ def _prepare_parts_folder(output_path: str, overwrite: bool, state, fingerprint:
     return folder
 
 
-def _merge(folder: str, output_path: str, num_rows: int) -> None:
-    done = _read_parts(folder)
+def _merge(folder: str, output_path: str, rows: list[dict], fields: tuple[str, str]) -> None:
+    num_rows = len(rows)
+    done = _read_parts(folder, rows, fields)
     missing = sorted(set(range(num_rows)) - set(done))
     if missing:
         raise RuntimeError(f"Rows {missing[:10]} of {num_rows} were not scored by any process; run the same "
@@ -258,13 +316,16 @@ def score_jsonl(model, tokenizer, input_path: str | os.PathLike, output_path: st
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"`batch_size` must be an integer ≥ 1, got {batch_size!r}.")
     input_path, output_path = os.fspath(input_path), os.fspath(output_path)
+    check_paths(input_path, output_path)
     numbered = _read_numbered(input_path, prompt_field, answer_field)
     rows = [row for _, row in numbered]
+    fields = (prompt_field, answer_field)
     state = state or process_state()
     settings = {"prompt_field": prompt_field, "answer_field": answer_field, "estimator": estimator or
-                model.config.estimator, "chat_template": chat_template, "target": model.config.target_name_or_path}
+                model.config.estimator, "chat_template": chat_template, "target": model.config.target_name_or_path,
+                "weights_sha256": model_fingerprint(model)}
     folder = _prepare_parts_folder(output_path, overwrite, state, _fingerprint(input_path, settings))
-    done = _read_parts(folder)
+    done = _read_parts(folder, rows, fields)
     mine = [i for i in range(state.process_index, len(rows), state.num_processes)]
     todo = [i for i in mine if i not in done]
     # Every process tokenizes every pending row, so a bad row stops all of them before any scoring.
@@ -279,12 +340,13 @@ def score_jsonl(model, tokenizer, input_path: str | os.PathLike, output_path: st
                                   estimator)
             part.writelines(json.dumps({"index": i, "row": row}, ensure_ascii=False) + "\n"
                             for i, row in zip(indexes, scored))
-            part.flush()  # a finished batch survives an interruption
+            part.flush()  # a finished batch survives an interruption (and, synced, a crash of the machine)
+            os.fsync(part.fileno())
             bar.update(len(indexes))
     print(f"hf-eu score: process {state.process_index + 1}/{state.num_processes} scored {len(todo)} rows "
           f"({len(mine) - len(todo)} were already done)", file=sys.stderr)
     state.wait_for_everyone()
     if state.is_main_process:
-        _merge(folder, output_path, len(rows))
+        _merge(folder, output_path, rows, fields)
     state.wait_for_everyone()  # the output exists for every process once this returns
     return {"rows": len(rows), "scored": len(todo), "resumed": len(mine) - len(todo)}

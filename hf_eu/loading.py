@@ -2,7 +2,9 @@
 
 A target, draft or proxy may be given as a hub id, a local folder or an already loaded
 `PreTrainedModel` (or a peft `PeftModel`). Loading goes through `AutoModelForCausalLM` with
-`use_safetensors=True` and without remote code. The checks here refuse what would give silently wrong
+`use_safetensors=True` and without remote code, after `check_safetensors_only` made sure no pickle
+would be read (transformers unpickles a `.bin` shard that a `model.safetensors.index.json` names, even
+with `use_safetensors=True`). The other checks here refuse what would give silently wrong
 uncertainty: a different output vocabulary or a different tokenizer than the target's.
 """
 
@@ -17,8 +19,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.utils import cached_file
 
+from ._atomic import recover_folder
+
 __all__ = [
     "load_causal_lm",
+    "check_safetensors_only",
     "output_vocab_size",
     "check_same_vocabulary",
     "load_local_tokenizer",
@@ -27,6 +32,68 @@ __all__ = [
 ]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+_SAFETENSORS_INDEX = "model.safetensors.index.json"
+
+
+def _unsafe_fix(role: str, path: str) -> str:
+    return (f"hf_eu reads safetensors only and never unpickles weights. Convert the {role}'s weights to "
+            f"safetensors (load it once yourself and `model.save_pretrained(folder, safe_serialization=True)`, "
+            f"or the safetensors convert tool), then pass that folder; {path} was not opened.")
+
+
+def _check_index(index_path: str, role: str) -> None:
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            weight_map = json.load(handle).get("weight_map") or {}
+        shards = sorted(set(map(str, weight_map.values())))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as error:
+        raise ValueError(f"The {role}'s weight index {index_path} is unreadable ({error}); re-save the model "
+                         "with `save_pretrained(folder, safe_serialization=True)`.") from error
+    unsafe = [shard for shard in shards if not shard.endswith(".safetensors")]
+    if unsafe:
+        raise ValueError(f"The {role}'s weight index {index_path} names the non-safetensors shard {unsafe[0]!r}"
+                         f"{f' (and {len(unsafe) - 1} more)' if len(unsafe) > 1 else ''}, which transformers would "
+                         f"unpickle. " + _unsafe_fix(role, unsafe[0]))
+
+
+def check_safetensors_only(reference: Any, role: str, *, revision: str | None = None, subfolder: str = "") -> None:
+    """Raise ValueError (naming the file and the fix) if loading `reference` would unpickle weights.
+
+    A local folder is refused when its `model.safetensors.index.json` names any shard that is not a
+    `.safetensors` file, when it has pickled weights (`.bin`, `.pt`, `.pth`, `.pkl`, `.ckpt`) but no
+    safetensors file, or when it is a peft adapter whose only weights are `adapter_model.bin`. For a hub
+    id the index is checked when the hub (or the local cache) provides one; nothing else is downloaded.
+    Loaded models and other references pass unchecked.
+    """
+    if not isinstance(reference, (str, os.PathLike)):
+        return
+    folder = os.path.join(os.fspath(reference), subfolder) if subfolder else os.fspath(reference)
+    if os.path.isdir(folder):
+        index = os.path.join(folder, _SAFETENSORS_INDEX)
+        if os.path.isfile(index):
+            _check_index(index, role)
+        names = sorted(os.listdir(folder))
+        pickled = [n for n in names if n.endswith(_PICKLE_SUFFIXES) and os.path.isfile(os.path.join(folder, n))]
+        has_safetensors = any(n.endswith(".safetensors") for n in names)
+        adapter_pickle = (os.path.isfile(os.path.join(folder, "adapter_config.json"))
+                          and "adapter_model.bin" in names and "adapter_model.safetensors" not in names)
+        if (pickled and not has_safetensors) or adapter_pickle:
+            name = "adapter_model.bin" if adapter_pickle else pickled[0]
+            path = os.path.join(folder, name)
+            raise ValueError(f"The {role} in {folder} has its weights only in the pickle file {path}. "
+                             + _unsafe_fix(role, path))
+        return
+    if os.path.exists(folder):
+        return  # a file: transformers reports it
+    try:
+        index = cached_file(os.fspath(reference), _SAFETENSORS_INDEX, revision=revision, subfolder=subfolder,
+                            _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False)
+    except (OSError, ValueError):
+        return  # not reachable: loading reports it
+    if index is not None:
+        _check_index(index, role)
 
 
 def _is_loaded_model(obj: Any) -> bool:
@@ -47,8 +114,13 @@ def load_causal_lm(reference: Any, *, role: str, **kwargs) -> nn.Module:
         raise TypeError(
             f"The {role} must be a hub id, a local folder or a loaded PreTrainedModel, got {type(reference).__name__}."
         )
-    kwargs.setdefault("use_safetensors", True)
+    if kwargs.get("use_safetensors") is False:
+        raise ValueError(f"`use_safetensors=False` was passed for the {role}, but hf_eu reads safetensors only; "
+                         "drop the argument (and convert pickled weights to safetensors).")
+    kwargs["use_safetensors"] = True
     kwargs.setdefault("trust_remote_code", False)
+    if not kwargs.get("gguf_file"):  # a GGUF file is read by its own parser, never unpickled
+        check_safetensors_only(reference, role, revision=kwargs.get("revision"), subfolder=kwargs.get("subfolder") or "")
     try:
         return AutoModelForCausalLM.from_pretrained(reference, **kwargs)
     except OSError as error:
@@ -115,9 +187,16 @@ def check_same_tokenizer(target_tokenizer, others: Mapping[str, Any]) -> None:
 
 
 def is_composite(reference: Any, revision: str | None = None) -> bool:
-    """True if `reference` (folder or hub id) holds a saved hf_eu composite (config.json with model_type 'hf_eu')."""
+    """True if `reference` (folder or hub id) holds a saved hf_eu composite (config.json with model_type 'hf_eu').
+
+    A local composite whose replacement was killed halfway (nothing at the path, the previous folder
+    still set aside beside it) is restored first (`hf_eu._atomic.recover_folder`).
+    """
     if not isinstance(reference, (str, os.PathLike)):
         return False
+    local = os.path.abspath(os.fspath(reference))
+    if not os.path.lexists(local) and os.path.isdir(os.path.dirname(local)):
+        recover_folder(local)
     try:
         path = cached_file(os.fspath(reference), "config.json", revision=revision,
                            _raise_exceptions_for_missing_entries=False,

@@ -18,9 +18,19 @@ A draft or proxy that is a peft model is stored as its active adapter only (adap
 adapter_model.safetensors) plus `hf_eu_adapter_base.json`, which says how to rebuild its base: the
 target's first n layers (`truncated_copy`, so no base weights are stored at all) or a model id.
 
-Saving is atomic: everything is written into a temporary sibling folder that is renamed into place
-only when complete, so an interrupted save leaves the previous folder (or nothing) behind.
-Loading checks every expected file before reading any weights and reads safetensors only.
+Saving never deletes what hf_eu did not write: the destination must be new, an empty folder or a
+previous composite (config.json with model_type "hf_eu"), never a file, a folder of other files or
+the target's own folder; this is checked before anything is written.
+
+Saving is atomic: everything is written into a hidden sibling `.<name>.saving-<pid>@<host>-*` that
+replaces the folder only when complete (`hf_eu._atomic.replace_folder`: the previous composite is set
+aside as `.<name>.replaced-…` and deleted once the new one is in place). A save interrupted at any
+point leaves the previous composite (or nothing) at the path, or, if the process was killed between
+the two renames, the previous one aside, from where the next save or load restores it. Hidden
+siblings left by dead processes are deleted by the next save.
+
+Loading checks every expected file before reading any weights and reads safetensors only (a weight
+index naming a pickled shard is refused before transformers could open it).
 """
 
 from __future__ import annotations
@@ -36,13 +46,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
+from ._atomic import recover_folder, remove_stale_siblings, replace_folder, sibling_prefix
 from .calibration import CALIBRATOR_FOLDER, EUCalibrator
 from .eu_head import EU_HEAD_FOLDER, EUHead
 from .configuration import CONFIG_NAME, UncertaintyAwareConfig, load_composite_config
 from .gaussian import GaussianFactorHead, GaussianStudentForCausalLM
+from .loading import check_safetensors_only
 from .model_card import render_model_card
 
-__all__ = ["save_composite", "load_composite_parts", "load_calibrator", "load_student", "load_eu_head", "draft_folder", "PROXY_FOLDER",
+__all__ = ["save_composite", "check_save_destination", "load_composite_parts", "load_calibrator", "load_student", "load_eu_head", "draft_folder", "PROXY_FOLDER",
            "STUDENT_FOLDER", "ADAPTER_BASE_FILE"]
 
 PROXY_FOLDER = "proxy"
@@ -110,14 +122,23 @@ def save_composite(
     target: nn.Module | None = None,
     eu_head: EUHead | None = None,
 ) -> None:
-    """Write config, drafts, proxy, calibrator, student and model card to `folder` atomically (replacing an existing one).
+    """Write config, drafts, proxy, calibrator, student and model card to `folder` atomically (replacing a
+    previous composite there).
 
-    `target` tells whether the student's backbone is the target itself (then no backbone weights are stored).
+    `target` tells whether the student's backbone is the target itself (then no backbone weights are
+    stored) and where the target lives: its own folder is never a destination.
+
+    Raises:
+        ValueError: before anything is written, when `folder` is a file or a symbolic link, holds anything
+            but a previous hf_eu composite, or is (or contains) the target's own folder.
     """
     folder = os.path.abspath(os.fspath(folder))
     parent = os.path.dirname(folder)
+    recover_folder(folder)  # a previous save killed halfway: its composite comes back before the checks
+    check_save_destination(folder, target, config)
     os.makedirs(parent, exist_ok=True)
-    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(folder)}.saving-", dir=parent)
+    remove_stale_siblings(folder)
+    staging = tempfile.mkdtemp(prefix=sibling_prefix(folder, "saving"), dir=parent)
     try:
         dtype = config.adapter_storage_dtype
         for index, draft in enumerate(drafts):
@@ -141,17 +162,66 @@ def save_composite(
 
 
 def _replace_folder(staging: str, folder: str) -> None:
-    """Move the complete `staging` folder to `folder`; an old `folder` is removed only afterwards."""
-    if not os.path.exists(folder):
-        os.rename(staging, folder)
+    """Move the complete `staging` folder to `folder`; an old `folder` is set aside and removed only afterwards."""
+    replace_folder(staging, folder)
+
+
+def _is_composite_folder(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, CONFIG_NAME), encoding="utf-8") as handle:
+            config = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(config, dict) and config.get("model_type") == "hf_eu"
+
+
+def _local_folders_of(target: nn.Module | None, config: UncertaintyAwareConfig) -> list[str]:
+    """The local folders the target was loaded from (its name_or_path, the config's target), real paths."""
+    names = [getattr(target, "name_or_path", None), getattr(getattr(target, "config", None), "_name_or_path", None),
+             getattr(config, "target_name_or_path", None)]
+    folders = []
+    for name in names:
+        if isinstance(name, (str, os.PathLike)) and os.fspath(name) and os.path.isdir(name):
+            folders.append(os.path.realpath(name))
+    return folders
+
+
+_SAVE_FIX = ("save_pretrained replaces the whole folder, and hf_eu never deletes what it did not write: choose an "
+             "empty or new folder, or a previous hf_eu composite")
+
+
+def check_save_destination(folder: str | os.PathLike, target: nn.Module | None = None,
+                           config: UncertaintyAwareConfig | None = None) -> None:
+    """Raise ValueError (naming the path and the fix) unless saving a composite to `folder` loses nothing.
+
+    Allowed: a path where nothing is, an empty folder, a previous composite (config.json with model_type
+    "hf_eu"). Refused: a file or symbolic link, a folder with anything else in it, and the target's own
+    folder (its `name_or_path` or the config's `target_name_or_path`, when a local folder) or a folder
+    containing it.
+    """
+    folder = os.path.abspath(os.fspath(folder))
+    if os.path.islink(folder):
+        raise ValueError(f"Refusing to save the composite to {folder!r}: it is a symbolic link (to "
+                         f"{os.path.realpath(folder)!r}). Save to the folder it points to, or to a new folder.")
+    if os.path.lexists(folder) and not os.path.isdir(folder):
+        raise ValueError(f"Refusing to save the composite to {folder!r}: it is a file, not a folder. {_SAVE_FIX}.")
+    real = os.path.realpath(folder)
+    for target_folder in _local_folders_of(target, config):
+        if target_folder == real or target_folder.startswith(real.rstrip(os.sep) + os.sep):
+            where = "is the target's own folder" if target_folder == real else f"contains the target's folder {target_folder!r}"
+            raise ValueError(f"Refusing to save the composite to {folder!r}: it {where}, whose files would be "
+                             f"deleted. {_SAVE_FIX}.")
+    if not os.path.isdir(folder):
         return
-    retired = staging + ".old"
-    os.rename(folder, retired)
-    os.rename(staging, folder)
-    shutil.rmtree(retired, ignore_errors=True)
+    entries = sorted(os.listdir(folder))
+    if entries and not _is_composite_folder(folder):
+        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
+        raise ValueError(f"Refusing to save the composite to {folder!r}: it holds files that are not an hf_eu composite "
+                         f"({shown}; its config.json, if any, has no model_type 'hf_eu'). {_SAVE_FIX}.")
 
 
 def _check_model_folder(path: str, role: str) -> None:
+    check_safetensors_only(path, role)
     if os.path.isfile(os.path.join(path, ADAPTER_BASE_FILE)):
         required = [os.path.join(path, name) for name in _ADAPTER_FILES]
     else:
@@ -186,7 +256,8 @@ def _load_adapter(path: str, target: nn.Module | None) -> nn.Module:
 
         base = truncated_copy(target, int(spec["num_layers"]), share_embeddings=True)  # adapters never touch them
     elif spec.get("kind") == "pretrained":
-        base = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], use_safetensors=True)
+        check_safetensors_only(spec["name_or_path"], "adapter's base model")
+        base = AutoModelForCausalLM.from_pretrained(spec["name_or_path"], use_safetensors=True, trust_remote_code=False)
     else:
         raise ValueError(f"unknown adapter base kind {spec.get('kind')!r} in {ADAPTER_BASE_FILE}; upgrade hf_eu")
     model = PeftModel.from_pretrained(base, path, is_trainable=False).eval()

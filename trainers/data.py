@@ -6,7 +6,10 @@ distillation target). Prompts are processed in batches; batch b is sampled after
 `torch.manual_seed(seed + b)`, so the rows do not depend on which batches ran in this process. With
 `output_dir`, every finished batch is written atomically as `shard-{b:05d}.jsonl` beside
 `generation_settings.json`, and a rerun loads those shards and generates only the missing batches:
-an interrupted run resumes to exactly the rows an uninterrupted one yields.
+an interrupted run resumes to exactly the rows an uninterrupted one yields. The settings record the
+target by a hash of its weights and config (`hf_eu.fingerprint.model_fingerprint`, "weights_sha256"),
+so resuming with another target (or other settings) is refused before anything is written; a shard
+that does not hold exactly its batch's rows (damaged or edited) is refused, naming the file.
 
 Causal shift, stated once: logits at position i predict token i + 1, so response token j (at position
 `prompt_length + j` of the row) is predicted by the logits at position `prompt_length - 1 + j`.
@@ -23,6 +26,9 @@ import os
 import torch
 from datasets import Dataset, Features, List, Value, concatenate_datasets
 from tqdm.auto import tqdm
+
+from hf_eu._atomic import atomic_output
+from hf_eu.fingerprint import model_fingerprint
 
 __all__ = ["generate_responses", "SETTINGS_FILE"]
 
@@ -148,10 +154,8 @@ def _features(top_k_logprobs: int) -> Features:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(temporary, "w", encoding="utf-8") as handle:
+    with atomic_output(path) as temporary, open(temporary, "w", encoding="utf-8") as handle:
         handle.write(text)
-    os.replace(temporary, path)
 
 
 def _shard_path(output_dir: str, batch_index: int) -> str:
@@ -171,6 +175,12 @@ def _prepare_output_dir(output_dir: str, settings: dict) -> None:
         recorded = json.load(handle)
     for key in sorted(set(recorded) | set(settings)):
         if recorded.get(key) != settings.get(key):
+            if key == "weights_sha256":
+                earlier = ("by an older version that did not record the target's fingerprint"
+                           if recorded.get(key) is None else f"with another target (weights_sha256 {recorded[key][:12]}…)")
+                raise ValueError(f"{output_dir!r} was generated {earlier}, but this call's target has weights_sha256 "
+                                 f"{settings[key][:12]}…; mixing two targets' answers would be silently wrong. Resume "
+                                 "with the recorded target (same weights, dtype and config) or use a new output_dir.")
             raise ValueError(f"{output_dir!r} was generated with {key}={recorded.get(key)!r} but this call has "
                              f"{key}={settings.get(key)!r}; resume with the recorded settings or use a new output_dir.")
 
@@ -181,7 +191,7 @@ def _settings(target, tokenizer, texts: list[str], prompt_ids: list[list[int]], 
     digest = hashlib.sha256(json.dumps([texts, prompt_ids]).encode()).hexdigest()
     model_name = getattr(target, "name_or_path", None) or getattr(target.config, "_name_or_path", "")
     return {**arguments, "num_prompts": len(texts), "prompts_sha256": digest,
-            "tokenizer": tokenizer.name_or_path, "model": model_name}
+            "tokenizer": tokenizer.name_or_path, "model": model_name, "weights_sha256": model_fingerprint(target)}
 
 
 def generate_responses(target, tokenizer, prompts, *, num_responses: int = 3, max_new_tokens: int = 128,
@@ -249,12 +259,44 @@ def _batch_rows(target, tokenizer, texts, prompt_ids, batch_index, start, batch_
     """The rows of one prompt batch: read from its shard when one exists, else generated (and written)."""
     path = _shard_path(output_dir, batch_index) if output_dir is not None else None
     if path is not None and os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            return [json.loads(line) for line in handle if line.strip()]
+        return _read_shard(path, texts, start, min(batch_size, len(texts) - start), generation["num_responses"],
+                           generation["top_k_logprobs"])
     torch.manual_seed(seed + batch_index)
     batch = prompt_ids[start: start + batch_size]
     rows = _generate_batch(target, batch, **generation)
     return _finish_rows(tokenizer, texts, rows, start, generation["num_responses"], path)
+
+
+def _read_shard(path: str, texts: list[str], start: int, num_prompts: int, num_responses: int,
+                top_k_logprobs: int) -> list[dict]:
+    """The rows of a shard, checked to be exactly its batch's: every (prompt, slot) once, in order."""
+    def damaged(problem: str) -> ValueError:
+        return ValueError(f"Shard {path} is damaged: {problem}. Delete it (its batch is generated again, to the same "
+                          "rows) or use a new output_dir.")
+
+    rows = []
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as error:
+                    raise damaged(f"line {number} is not valid JSON ({error.msg})") from error
+    expected = [(start + p, slot) for p in range(num_prompts) for slot in range(num_responses)]
+    if len(rows) != len(expected):
+        raise damaged(f"it holds {len(rows)} rows but its batch has {len(expected)} ({num_prompts} prompts x "
+                      f"{num_responses} responses)")
+    required = {"prompt_id", "response_slot", "prompt", "input_ids", "prompt_length", "response"}
+    if top_k_logprobs > 0:
+        required |= {"teacher_topk_ids", "teacher_topk_logps"}
+    for number, (row, (prompt_id, slot)) in enumerate(zip(rows, expected), start=1):
+        if not isinstance(row, dict) or required - set(row):
+            missing = sorted(required - set(row)) if isinstance(row, dict) else "everything"
+            raise damaged(f"row {number} lacks {missing}")
+        if (row["prompt_id"], row["response_slot"]) != (prompt_id, slot) or row["prompt"] != texts[prompt_id]:
+            raise damaged(f"row {number} is prompt {row['prompt_id']} slot {row['response_slot']}, expected prompt "
+                          f"{prompt_id} ({texts[prompt_id][:40]!r}) slot {slot}")
+    return rows
 
 
 def _finish_rows(tokenizer, texts, rows, start, num_responses, path) -> list[dict]:
