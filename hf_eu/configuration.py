@@ -33,6 +33,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         has_proxy (`bool`): whether a proxy is stored; without one the bias uses the target.
         has_calibrator (`bool`): whether a fitted `EUCalibrator` (estimator `hf_eu_calibrated`) is stored.
         has_student (`bool`): whether a Gaussian-distilled student (estimators `gaussian_distill*`) is stored.
+        has_detector (`bool`): whether a fitted `AnswerRiskDetector` (`answer_risk`) is stored under `detector/`.
         has_eu_head (`bool`): whether a distilled `EUHead` (estimator `eu_head`) is stored under `eu_head/`.
         student (`dict`, *optional*): the student's settings: its head's shapes (`hidden_size`,
             `num_factors`, `intermediate_size`) and `backbone` (`{"kind": "target"}`: the target itself,
@@ -58,6 +59,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         has_calibrator: bool = False,
         has_student: bool = False,
         has_eu_head: bool = False,
+        has_detector: bool = False,
         student: dict[str, Any] | None = None,
         estimator: str = "hf_eu",
         chunk_size: int | None = None,
@@ -78,6 +80,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         self.has_calibrator = has_calibrator
         self.has_student = has_student
         self.has_eu_head = has_eu_head
+        self.has_detector = has_detector
         self.student = student or {}
         self.estimator = estimator
         self.chunk_size = chunk_size

@@ -29,7 +29,7 @@ from torch import nn
 
 from ._cache import cache_argument, output_cache
 
-__all__ = ["TargetFeatures", "TargetFeatureRecorder", "teacher_forced_features", "feature_names",
+__all__ = ["TargetFeatures", "TargetFeatureRecorder", "teacher_forced_features", "feature_names", "token_confidence",
            "DEFAULT_FEATURE_MODULES", "DEFAULT_TOP_K", "OUTPUT_FEATURES"]
 
 DEFAULT_FEATURE_MODULES = ("q_proj", "v_proj")  # the layers the ground truth perturbs (DESIGN.md §1)
@@ -59,6 +59,19 @@ class TargetFeatures:
     def cat(cls, parts: Sequence["TargetFeatures"], dim: int) -> "TargetFeatures":
         return cls(*(torch.cat([getattr(p, name) for p in parts], dim)
                      for name in ("values", "topk_ids", "topk_logps")))
+
+
+def token_confidence(features: TargetFeatures, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The target's confidence in the tokens it produced, from its features `(B, T, ·)` and the tokens `(B, T)`.
+
+    Returns `(token_logps, entropy, max_probs)`, each `(B, T)`: the log-prob of each token (for a token outside
+    the recorded top k, the k-th largest log-prob, an upper bound), the predictive entropy and the largest
+    probability.
+    """
+    hit = features.topk_ids == token_ids.to(features.topk_ids.device).unsqueeze(-1)  # (B, T, k)
+    token_logps = torch.where(hit.any(-1), (features.topk_logps * hit).sum(-1), features.topk_logps[..., -1])
+    statistics = features.values[..., -len(OUTPUT_FEATURES):]  # (B, T, 4): entropy, max_logp, gap, log_partition
+    return token_logps, statistics[..., 0], statistics[..., 1].exp()
 
 
 def feature_layers(model: nn.Module, module_names: Sequence[str] = DEFAULT_FEATURE_MODULES) -> list[tuple[str, nn.Module]]:

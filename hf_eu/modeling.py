@@ -36,9 +36,11 @@ from .loading import (
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
 from .scoring import reads_only_features, score_recorded, score_tokens
 from .perturbation import LowRankGaussianPerturbation
-from .eu_features import TargetFeatureRecorder
+from .answer_risk import AnswerRiskDetector, answer_features
+from .eu_features import TargetFeatureRecorder, teacher_forced_features, token_confidence
 from .eu_head import EUHead
-from .serialization import load_calibrator, load_composite_parts, load_eu_head, load_student, save_composite
+from .serialization import (load_calibrator, load_composite_parts, load_detector, load_eu_head, load_student,
+                            save_composite)
 from .stopping import prepare_eu_criteria, stopped_for_uncertainty
 
 __all__ = ["UncertaintyAwareModelForCausalLM"]
@@ -67,6 +69,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         calibrator: EUCalibrator | None = None,
         student: nn.Module | None = None,
         eu_head: EUHead | None = None,
+        detector: AnswerRiskDetector | None = None,
     ):
         super().__init__()
         _check_drafts_argument(drafts)
@@ -87,6 +90,9 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         if eu_head is not None and not isinstance(eu_head, EUHead):
             raise TypeError(f"`eu_head` must be an hf_eu.eu_head.EUHead, got {type(eu_head).__name__}.")
         self.eu_head = eu_head.attach(target).to(_device_of(target)).eval() if eu_head is not None else None
+        if detector is not None and not isinstance(detector, AnswerRiskDetector):
+            raise TypeError(f"`detector` must be an hf_eu.answer_risk.AnswerRiskDetector, got {type(detector).__name__}.")
+        self.detector = detector  # the fitted answer-risk detector of `answer_risk`, or None
         self._perturbation = None  # built on first use by estimators reading perturbed targets
         self.config = config or UncertaintyAwareConfig(
             target_name_or_path=_name_of(target),
@@ -200,7 +206,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             config.chunk_size = chunk_size
         student = load_student(folder, config, target_model)
         return cls(target_model, draft_models, proxy_model, config=config, calibrator=load_calibrator(folder, config),
-                   student=student.to(device) if student is not None else None, eu_head=load_eu_head(folder, config))
+                   student=student.to(device) if student is not None else None, eu_head=load_eu_head(folder, config),
+                   detector=load_detector(folder, config))
 
     # ---------------------------------------------------------------- inference
     @property
@@ -268,12 +275,13 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         eos_token_id = kwargs.get("eos_token_id", generation_config.eos_token_id)
         pad_token_id = kwargs.get("pad_token_id", generation_config.pad_token_id)
         features = recorder.generated(sequences.shape[1] - prompt_length, sequences.shape[0]) if recorder else None
+        full_mask = _full_attention_mask(kwargs.get("attention_mask"), sequences, prompt_length, input_ids.shape[0])
         if features is not None:  # the target's own decoding passes gave every token's features: no scoring pass
             mask = generated_token_mask(sequences[:, prompt_length:], eos_token_id, pad_token_id)
             scores = score_recorded(chosen, features, mask, eu_head=self.eu_head, calibrator=self.calibrator)
         else:
-            scores = self._score_generated(chosen, sequences, prompt_length, kwargs.get("attention_mask"),
-                                           input_ids.shape[0], eos_token_id, pad_token_id)
+            scores = self._score_generated(chosen, sequences, prompt_length, full_mask, eos_token_id, pad_token_id)
+        scores.answer_risk = self._answer_risk(chosen.name, scores, sequences, prompt_length, full_mask, features)
         output_class = (UncertaintyGenerateBeamOutput if isinstance(output, GenerateBeamDecoderOnlyOutput)
                         else UncertaintyGenerateOutput)
         stopped = {"stopped_for_uncertainty": stopped_for_uncertainty(eu_criteria, scores.uncertainty_mask)
@@ -293,19 +301,29 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             return
         kwargs["assistant_model"] = self.drafts[assistant_draft]
 
-    def _score_generated(self, estimator, sequences, prompt_length, attention_mask, batch_size, eos_token_id,
+    def _score_generated(self, estimator, sequences, prompt_length, full_mask, eos_token_id,
                          pad_token_id) -> UncertaintyOutput:
-        rows = sequences.shape[0]
-        prompt_mask = attention_mask if attention_mask is not None else torch.ones(batch_size, prompt_length)
-        prompt_mask = prompt_mask.to(sequences.device).long().repeat_interleave(rows // batch_size, dim=0)  # (R, P)
         new_tokens = sequences[:, prompt_length:]  # (R, T)
-        full_mask = torch.cat([prompt_mask, torch.ones_like(new_tokens)], dim=1)  # (R, P + T)
         return score_tokens(
             estimator, sequences, prompt_length,
             drafts=self.drafts, proxy=self.proxy, target=self.target, attention_mask=full_mask,
             uncertainty_mask=generated_token_mask(new_tokens, eos_token_id, pad_token_id),
             chunk_size=self.config.chunk_size, **self._scoring_extras(estimator),
         )
+
+    def _answer_risk(self, estimator_name: str, scores: UncertaintyOutput, sequences: torch.Tensor,
+                     prompt_length: int, attention_mask: torch.Tensor, features=None) -> torch.Tensor | None:
+        """`(R,)` probability that each answer is wrong, when a detector fitted on `estimator_name`'s EU ships."""
+        if self.detector is None or self.detector.estimator != estimator_name:
+            return None
+        if features is None:  # the target's confidence: one teacher-forced pass (the recorded passes had it)
+            features = teacher_forced_features(self.target, sequences, prompt_length, attention_mask=attention_mask)
+        mask = scores.uncertainty_mask.to(features.values.device)
+        empty = ~mask.any(-1)  # an answer with no real token (EOS first) still gets a risk, from its first token
+        mask = mask | (empty[:, None] & (torch.arange(mask.shape[1], device=mask.device) == 0))
+        token_logps, entropy, max_probs = token_confidence(features, sequences[:, prompt_length:])
+        aggregated = answer_features(scores.epistemic_uncertainty.to(mask.device), token_logps, entropy, max_probs, mask)
+        return self.detector(aggregated)
 
     def _scoring_extras(self, estimator) -> dict:
         """Inputs beyond drafts/proxy/target some estimators read: the calibrator, the target's perturbation."""
@@ -337,16 +355,19 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
 
         Returns:
             `UncertaintyOutput` with fields of shape `(batch_size, seq_len - prompt_length)`; the mask is
-            `attention_mask[:, prompt_length:]`.
+            `attention_mask[:, prompt_length:]`. With a fitted detector, `answer_risk` `(batch_size,)` treats the
+            scored columns of each row as its answer.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
         chosen = get_estimator(estimator or self.config.estimator)
-        return score_tokens(
+        scores = score_tokens(
             chosen, input_ids, prompt_length,
             drafts=self.drafts, proxy=self.proxy, target=self.target, attention_mask=attention_mask,
             chunk_size=chunk_size or self.config.chunk_size, **self._scoring_extras(chosen),
         )
+        scores.answer_risk = self._answer_risk(chosen.name, scores, input_ids, prompt_length, attention_mask)
+        return scores
 
     # ------------------------------------------------------------------- saving
     def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None) -> None:
@@ -356,7 +377,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         """
         self.config.hf_eu_version = __version__
         save_composite(save_directory, self.config, list(self.drafts), self.proxy, repo_id=repo_id,
-                       calibrator=self.calibrator, student=self.student, target=self.target, eu_head=self.eu_head)
+                       calibrator=self.calibrator, student=self.student, target=self.target, eu_head=self.eu_head,
+                       detector=self.detector)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     revision: str | None = None, commit_message: str = "Upload hf_eu composite") -> str:
@@ -372,6 +394,14 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                        commit_message=commit_message, repo_type="model")
         return getattr(commit, "commit_url", str(commit))
+
+
+def _full_attention_mask(attention_mask, sequences: torch.Tensor, prompt_length: int, batch_size: int) -> torch.Tensor:
+    """`(R, P + T)` mask of generated sequences: the prompt's (rows repeated for num_return_sequences), then ones."""
+    rows = sequences.shape[0]
+    prompt_mask = attention_mask if attention_mask is not None else torch.ones(batch_size, prompt_length)
+    prompt_mask = prompt_mask.to(sequences.device).long().repeat_interleave(rows // batch_size, dim=0)  # (R, P)
+    return torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_length:])], dim=1)  # (R, P + T)
 
 
 def _decodes_token_by_token(kwargs: dict, generation_config) -> bool:

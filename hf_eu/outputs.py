@@ -31,7 +31,12 @@ _FIELDS_DOC = """
             (nats, ≥ 0). None for estimators without this split.
         uncertainty_mask (`torch.BoolTensor` of shape `(batch_size, num_new_tokens)`):
             True on real new tokens; False on padding after the end-of-sequence token (and, for
-            `estimate_uncertainty`, where `attention_mask` is 0)."""
+            `estimate_uncertainty`, where `attention_mask` is 0).
+        answer_risk (`torch.FloatTensor` of shape `(batch_size,)`, *optional*):
+            The probability (float32 in [0, 1], higher = more likely wrong) that each row's answer is wrong,
+            from the composite's fitted `AnswerRiskDetector` (answer-level EU, the target's confidence and the
+            answer length). Returned only when the composite carries a detector and the estimator is the one it
+            was fitted on (`model.detector.estimator`); None otherwise, never zeros."""
 
 
 @dataclass
@@ -42,6 +47,7 @@ class UncertaintyOutput(ModelOutput):
     eu_variance: torch.FloatTensor | None = None
     eu_bias: torch.FloatTensor | None = None
     uncertainty_mask: torch.BoolTensor | None = None
+    answer_risk: torch.FloatTensor | None = None
 
 
 _STOPPED_DOC = """
@@ -62,6 +68,7 @@ class UncertaintyGenerateOutput(GenerateDecoderOnlyOutput):
     eu_variance: torch.FloatTensor | None = None
     eu_bias: torch.FloatTensor | None = None
     uncertainty_mask: torch.BoolTensor | None = None
+    answer_risk: torch.FloatTensor | None = None
     stopped_for_uncertainty: torch.BoolTensor | None = None
 
 
@@ -76,3 +83,4 @@ class UncertaintyGenerateBeamOutput(GenerateBeamDecoderOnlyOutput):
     eu_variance: torch.FloatTensor | None = None
     eu_bias: torch.FloatTensor | None = None
     uncertainty_mask: torch.BoolTensor | None = None
+    answer_risk: torch.FloatTensor | None = None

@@ -11,6 +11,7 @@ Layout of a saved composite (the target's weights are never written; the config 
       calibrator/            the fitted `EUCalibrator` of `hf_eu_calibrated`, when the composite has one
       student/               the Gaussian-distilled student, when the composite has one: head.safetensors
       eu_head/               the distilled `EUHead` of estimator `eu_head`, when the composite has one
+      detector/              the fitted `AnswerRiskDetector` of `answer_risk`, when the composite has one
                              (factor head + fitted noise) and, unless its backbone is the target itself,
                              backbone/ (stored like a draft: full model, or adapter + base spec)
 
@@ -48,13 +49,14 @@ from transformers import AutoModelForCausalLM
 
 from ._atomic import recover_folder, remove_stale_siblings, replace_folder, sibling_prefix
 from .calibration import CALIBRATOR_FOLDER, EUCalibrator
+from .answer_risk import DETECTOR_FOLDER, AnswerRiskDetector
 from .eu_head import EU_HEAD_FOLDER, EUHead
 from .configuration import CONFIG_NAME, UncertaintyAwareConfig, load_composite_config
 from .gaussian import GaussianFactorHead, GaussianStudentForCausalLM
 from .loading import check_safetensors_only
 from .model_card import render_model_card
 
-__all__ = ["save_composite", "check_save_destination", "load_composite_parts", "load_calibrator", "load_student", "load_eu_head", "draft_folder", "PROXY_FOLDER",
+__all__ = ["save_composite", "check_save_destination", "load_composite_parts", "load_calibrator", "load_student", "load_eu_head", "load_detector", "draft_folder", "PROXY_FOLDER",
            "STUDENT_FOLDER", "ADAPTER_BASE_FILE"]
 
 PROXY_FOLDER = "proxy"
@@ -121,6 +123,7 @@ def save_composite(
     student: GaussianStudentForCausalLM | None = None,
     target: nn.Module | None = None,
     eu_head: EUHead | None = None,
+    detector: AnswerRiskDetector | None = None,
 ) -> None:
     """Write config, drafts, proxy, calibrator, student and model card to `folder` atomically (replacing a
     previous composite there).
@@ -153,6 +156,9 @@ def save_composite(
         config.has_eu_head = eu_head is not None
         if eu_head is not None:
             eu_head.save(os.path.join(staging, EU_HEAD_FOLDER))
+        config.has_detector = detector is not None
+        if detector is not None:
+            detector.save(os.path.join(staging, DETECTOR_FOLDER))
         render_model_card(config, repo_id=repo_id).save(os.path.join(staging, "README.md"))
         config.to_json_file(os.path.join(staging, CONFIG_NAME), use_diff=True)
         _replace_folder(staging, folder)
@@ -292,6 +298,16 @@ def load_calibrator(folder: str | os.PathLike, config: UncertaintyAwareConfig) -
     if getattr(config, "has_calibrator", False) or EUCalibrator.exists(path):
         return EUCalibrator.load(path)
     return None
+
+
+def load_detector(folder: str | os.PathLike, config: UncertaintyAwareConfig) -> AnswerRiskDetector | None:
+    """The composite's answer-risk detector, or None when it has none; a config that promises one it lacks is an error."""
+    if not getattr(config, "has_detector", False):
+        return None
+    try:
+        return AnswerRiskDetector.load(os.path.join(os.fspath(folder), DETECTOR_FOLDER))
+    except FileNotFoundError as error:
+        raise ValueError(f"The saved composite is incomplete: {error} Re-save the composite.") from error
 
 
 def load_eu_head(folder: str | os.PathLike, config: UncertaintyAwareConfig) -> EUHead | None:
