@@ -54,6 +54,22 @@ def estimation_error(estimate: np.ndarray, truth: np.ndarray, fit: tuple[np.ndar
             "affine": [result["slope"], result["intercept"]] if "slope" in result else None}
 
 
+def estimation_intervals(estimate: list[np.ndarray], truth: list[np.ndarray], bootstrap: int = 300,
+                         seed: int = 0) -> dict:
+    """95% bootstrap intervals over answers (resampled with replacement, their tokens pooled) of the raw RMSE and
+    the Spearman correlation against the ground truth: `{"rmse_ci": [lo, hi], "spearman_ci": [lo, hi]}`."""
+    rng = np.random.default_rng(seed)
+    rmse, rho = [], []
+    for _ in range(bootstrap if len(estimate) > 1 else 0):
+        index = rng.integers(0, len(estimate), len(estimate))
+        e, t = np.concatenate([estimate[i] for i in index]), np.concatenate([truth[i] for i in index])
+        if len(e) > 2 and np.std(e) > 0 and np.std(t) > 0:
+            rmse.append(np.sqrt(np.mean((e - t) ** 2)))
+            rho.append(spearmanr(e, t)[0])
+    interval = lambda v: [_nan_to_none(np.percentile(v, 2.5)), _nan_to_none(np.percentile(v, 97.5))] if v else None  # noqa: E731
+    return {"rmse_ci": interval(rmse), "spearman_ci": interval(rho)}
+
+
 def sequence_scores(per_token: list[np.ndarray], how: str) -> np.ndarray:
     """One score per answer: sum, mean or max of its token values (0 for an empty answer)."""
     reduce = {"sum": np.sum, "mean": np.mean, "max": np.max}[how]

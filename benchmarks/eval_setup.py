@@ -57,7 +57,7 @@ class Scale:
 SCALES = {
     "tiny": Scale("tiny", questions={"arith": 12, "gsm": 4, "calib": 9}, max_new_tokens={"arith": 8, "gsm": 12,
                   "calib": 8}, num_perturbed=4, batch_size=4, bootstrap=50, cv_seeds=2, timing_answers=4),
-    "small": Scale("small", questions={"arith": 300, "gsm": 100, "calib": 48}, max_new_tokens={"arith": 64,
+    "small": Scale("small", questions={"arith": 300, "gsm": 60, "calib": 48}, max_new_tokens={"arith": 64,
                    "gsm": 128, "calib": 64}, timing_answers=8),
     "paper": Scale("paper", questions={"arith": 600, "gsm": 500, "calib": 200}, max_new_tokens={"arith": 96,
                    "gsm": 320, "calib": 160}, batch_size=16),
@@ -110,6 +110,7 @@ class Models:
     calibrator: object = None
     student: torch.nn.Module | None = None
     eu_head: torch.nn.Module | None = None
+    default_estimator: str = "hf_eu"  # the composite's configured estimator
     composite: str = ""
     excluded_questions: set = field(default_factory=set)  # texts the drafts and proxy trained on
     calibrator_questions: set = field(default_factory=set)  # texts a shipped calibrator was fitted on
@@ -147,7 +148,7 @@ def load_models(scale: Scale, composite: str | None = None, idd_composite: str |
     idd = UncertaintyAwareModelForCausalLM.from_pretrained(idd_composite, target=target_model)
     return Models(target_model, tokenizer, list(model.drafts), model.proxy, list(idd.drafts),
                   calibrator=model.calibrator, student=getattr(model, "student", None), eu_head=model.eu_head,
-                  composite=composite,
+                  default_estimator=model.config.estimator, composite=composite,
                   excluded_questions=_texts("train_questions.json", composite, idd_composite),
                   calibrator_questions=_texts("calibration_questions.json", composite))
 

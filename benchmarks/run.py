@@ -128,8 +128,10 @@ def run(argv=None) -> dict:
                          "tokur_perturbations": "10000..10007 (M=4: the first four)"},
                "ground_truth": {"num_perturbed": scale.num_perturbed, **scale.perturbation},
                "max_new_tokens": scale.max_new_tokens}
-    results.update(build_results(evaluated, data["calib"]["scores"], names, _costs(models, names, timings, scale),
-                                 scale.bootstrap, scale.cv_seeds))
+    costs = _costs(models, names, timings, scale)
+    default = models.default_estimator if models.default_estimator in names else "hf_eu"
+    results.update(build_results(evaluated, data["calib"]["scores"], names, costs, scale.bootstrap, scale.cv_seeds,
+                                 default=default))
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, "questions.json"), "w") as handle:  # the evaluated texts: nothing may train on them
         json.dump({name: [q["question"] for q in qs] for name, qs in questions.items()}, handle, indent=1)
@@ -137,7 +139,7 @@ def run(argv=None) -> dict:
         json.dump(results, handle, indent=1)
     with open(os.path.join(out, "results.md"), "w") as handle:
         handle.write(markdown_table(results))
-    make_plots(evaluated, out, models.tokenizer, names)
+    make_plots(evaluated, out, models.tokenizer, names, costs["time_ratio"], default=default)
     print(markdown_table(results))
     return results
 

@@ -5,7 +5,7 @@
 
 Usage (the shipped head; data from `python -m trainers.eu_head_data`, training about a minute on 2 CPU cores):
 
-    python -m trainers.run_eu_head --data_dir .train-defaults/eu-head-data --output_dir .train-defaults/eu-head \\
+    python -m trainers.run_eu_head --data_dir .train-defaults/eu-head-data .train-defaults/eu-head-data-2 --output_dir .train-defaults/eu-head \\
         --composite hf_eu/defaults/smollm2-135m-instruct --composite_output_dir .train-defaults/eu-head-composite \\
         --num_train_epochs 30 --per_device_train_batch_size 256 --learning_rate 3e-3
 
@@ -38,7 +38,7 @@ __all__ = ["EUHeadScriptArguments", "train_eu_head", "main"]
 class EUHeadScriptArguments:
     """Arguments of `python -m trainers.run_eu_head` besides `EUHeadConfig`."""
 
-    data_dir: str = field(metadata={"help": "Folder written by trainers.eu_head_data."})
+    data_dir: list[str] = field(metadata={"help": "Folder(s) written by trainers.eu_head_data (their rows are joined)."})
     target: str = field(default="embedded", metadata={"help": "The target the data was made with."})
     num_directions: int = field(default=16, metadata={"help": "Learned logit directions q of the head."})
     hidden_sizes: list[int] = field(default_factory=lambda: [64, 64], metadata={"help": "Perceptron widths."})
@@ -73,9 +73,14 @@ def _validation(head: EUHead, rows: dict[str, np.ndarray]) -> dict[str, float]:
 def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig) -> EUHead:
     """Train a head on `script.data_dir` (see the module docstring); returns it, attached to the target."""
     target = load_target(script.target)
-    data = load_data(script.data_dir)
+    parts = [load_data(folder) for folder in script.data_dir]
+    for number, part in enumerate(parts):  # answers of different folders stay apart in the holdout split
+        part["answer_index"] = part["answer_index"] + 1_000_000 * number
+    data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     train_rows, held_rows = _split(data, script.holdout_fraction, script.seed_split)
-    settings = json.load(open(os.path.join(script.data_dir, "settings.json")))
+    settings = [json.load(open(os.path.join(folder, "settings.json"))) for folder in script.data_dir]
+    if len({s["target_fingerprint"] for s in settings}) > 1:
+        raise ValueError(f"The folders {script.data_dir} were made with different targets; train on one target's data.")
     info = {"data": script.data_dir, "tokens": int(len(train_rows["ground_truth"])),
             "answers": int(len(np.unique(train_rows["answer_index"]))), "data_settings": settings,
             "loss": {"log_loss_weight": config.log_loss_weight, "raw_loss_weight": config.raw_loss_weight,
