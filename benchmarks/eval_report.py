@@ -162,6 +162,16 @@ def markdown_table(results: dict) -> str:
               "FLOPs × and time ×: the estimator's teacher-forced scoring per answer token / plain target generation "
               "(eu_head's FLOPs and time are its teacher-forced fallback; inside `generate` it reads the decoding passes, "
               "see benchmarks/results/overhead.json). 95% CIs: bootstrap over questions.", ""]
+    for set_name, record in (results.get("answer_risk") or {}).items():
+        if not isinstance(record, dict) or "auroc" not in record:
+            continue
+        cv = record["cross_validated"]
+        lines += [f"## answer_risk on {set_name} (detector fitted on the detect set, EU of `{record['detector_estimator']}`)",
+                  "", "| AUROC ↑ | 95% CI | AUPRC ↑ | PRR ↑ | ECE ↓ | CV AUROC, confidence+length | CV AUROC, +EU | EU adds |",
+                  "|---|---|---|---|---|---|---|---|",
+                  f"| {_cell(record['auroc'])} | {_interval(record.get('auroc_ci'), 2)} | {_cell(record['auprc'])} | "
+                  f"{_cell(record['prr'])} | {_cell(record['ece'])} | {_cell(cv['confidence_and_length']['auroc_mean'])} | "
+                  f"{_cell(cv['with_eu']['auroc_mean'])} | {_cell(record.get('eu_adds_auroc'))} |", ""]
     for set_name, goals in results.get("summary", {}).items():
         default = goals.get("default_estimator") if isinstance(goals, dict) else None
         if default:

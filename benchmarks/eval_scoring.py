@@ -111,8 +111,9 @@ def _score_batch(models: Models, names: list[str], batch: list[Answer], scale: S
 
 
 def collect_scores(models: Models, answers: list[Answer], scale: Scale, folder: str,
-                   names: list[str]) -> dict[str, list[np.ndarray]]:
-    """`{name: [per-token array of each answer]}` for every estimator and the ground truth, batch-resumable."""
+                   names: list[str], ground_truth: bool = True) -> dict[str, list[np.ndarray]]:
+    """`{name: [per-token array of each answer]}` for every estimator (and the ground truth unless
+    `ground_truth=False`), batch-resumable."""
     perturbation = LowRankGaussianPerturbation(models.target, rank=scale.perturbation["rank"],
                                                sigma=scale.perturbation["sigma"],
                                                target_modules=scale.perturbation["target_modules"])
@@ -122,7 +123,7 @@ def collect_scores(models: Models, answers: list[Answer], scale: Scale, folder: 
         batch = answers[start:start + scale.batch_size]
         path = os.path.join(folder, f"scores-{number:05d}.npz")
         stored = dict(np.load(path)) if os.path.isfile(path) else {}
-        missing = [n for n in names + [GROUND_TRUTH] if n not in stored]
+        missing = [n for n in names + ([GROUND_TRUTH] if ground_truth else []) if n not in stored]
         if missing:  # a fresh batch, or estimators added since (e.g. a student): score only those
             stored.update(_score_batch(models, missing, batch, scale, perturbation))
             np.savez(path + ".tmp.npz", **stored)

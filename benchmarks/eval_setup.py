@@ -26,10 +26,11 @@ import torch
 
 from trainers.questions import reasoning_gym_questions
 
-__all__ = ["Scale", "SCALES", "EVAL_SEED", "CALIB_SEED", "ARITH_TASKS", "build_questions", "load_models", "Models"]
+__all__ = ["Scale", "SCALES", "EVAL_SEED", "CALIB_SEED", "DETECT_SEED", "ARITH_TASKS", "build_questions", "load_models", "Models"]
 
 EVAL_SEED = 7  # < 1000: an evaluation seed; the drafts trained on 1000+k, the calibrator on 1500
 CALIB_SEED = 8
+DETECT_SEED = 9  # the `detect` set: arithmetic questions the answer-risk detector is fitted on (no ground truth)
 # The evaluated arithmetic mix, chosen for a target accuracy inside 30-70% (measured: see results.json);
 # arith_basic's negative and parenthesised terms put the 135M target at 22%, so it serves calibration only.
 ARITH_TASKS = ("arith_add_mul", "arith_chain_sum", "arith_products")
@@ -55,12 +56,13 @@ class Scale:
 
 
 SCALES = {
-    "tiny": Scale("tiny", questions={"arith": 12, "gsm": 4, "calib": 9}, max_new_tokens={"arith": 8, "gsm": 12,
-                  "calib": 8}, num_perturbed=4, batch_size=4, bootstrap=50, cv_seeds=2, timing_answers=4),
-    "small": Scale("small", questions={"arith": 300, "gsm": 60, "calib": 48}, max_new_tokens={"arith": 64,
-                   "gsm": 128, "calib": 64}, timing_answers=8),
-    "paper": Scale("paper", questions={"arith": 600, "gsm": 500, "calib": 200}, max_new_tokens={"arith": 96,
-                   "gsm": 320, "calib": 160}, batch_size=16),
+    "tiny": Scale("tiny", questions={"arith": 12, "gsm": 4, "calib": 9, "detect": 6}, max_new_tokens={
+                  "arith": 8, "gsm": 12, "calib": 8, "detect": 8}, num_perturbed=4, batch_size=4, bootstrap=50,
+                  cv_seeds=2, timing_answers=4),
+    "small": Scale("small", questions={"arith": 300, "gsm": 60, "calib": 48, "detect": 300}, max_new_tokens={
+                   "arith": 64, "gsm": 128, "calib": 64, "detect": 64}, timing_answers=8),
+    "paper": Scale("paper", questions={"arith": 600, "gsm": 500, "calib": 200, "detect": 600}, max_new_tokens={
+                   "arith": 96, "gsm": 320, "calib": 160, "detect": 96}, batch_size=16),
 }
 
 
@@ -80,7 +82,7 @@ def build_questions(scale: Scale, exclude: set[str], gsm8k: str | None = None,
             plan = [(task, (3 * count // 4) // len(CALIB_ARITH_TASKS)) for task in CALIB_ARITH_TASKS]
             plan.append(("gsm_symbolic", count // 4))
         else:
-            seed = EVAL_SEED
+            seed = DETECT_SEED if name == "detect" else EVAL_SEED
             seen |= set(exclude_from_evaluation)
             plan = ([("gsm_symbolic", count)] if name == "gsm"
                     else [(task, count // len(ARITH_TASKS)) for task in ARITH_TASKS])
@@ -110,6 +112,7 @@ class Models:
     calibrator: object = None
     student: torch.nn.Module | None = None
     eu_head: torch.nn.Module | None = None
+    detector: object = None  # the composite's AnswerRiskDetector, if it ships one
     default_estimator: str = "hf_eu"  # the composite's configured estimator
     composite: str = ""
     excluded_questions: set = field(default_factory=set)  # texts the drafts and proxy trained on
@@ -148,8 +151,9 @@ def load_models(scale: Scale, composite: str | None = None, idd_composite: str |
     idd = UncertaintyAwareModelForCausalLM.from_pretrained(idd_composite, target=target_model)
     return Models(target_model, tokenizer, list(model.drafts), model.proxy, list(idd.drafts),
                   calibrator=model.calibrator, student=getattr(model, "student", None), eu_head=model.eu_head,
-                  default_estimator=model.config.estimator, composite=composite,
-                  excluded_questions=_texts("train_questions.json", composite, idd_composite),
+                  detector=model.detector, default_estimator=model.config.estimator, composite=composite,
+                  excluded_questions=(_texts("train_questions.json", composite, idd_composite)
+                                      | _texts("eu_head_questions.json", composite)),
                   calibrator_questions=_texts("calibration_questions.json", composite))
 
 

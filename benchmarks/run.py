@@ -28,7 +28,9 @@ from benchmarks.common import command, machine
 from benchmarks.eval_report import build_results, make_plots, markdown_table
 from benchmarks.eval_scoring import (collect_answers, collect_scores, collect_timing, estimator_flops, estimator_names,
                                      forward_flops)
-from benchmarks.eval_setup import CALIB_SEED, EVAL_SEED, SCALES, build_questions, load_models
+from benchmarks.eval_answer_risk import (DETECT_ESTIMATORS, fit_detector, plot_answer_risk, risk_records,
+                                         save_detector)
+from benchmarks.eval_setup import CALIB_SEED, DETECT_SEED, EVAL_SEED, SCALES, build_questions, load_models
 
 __all__ = ["main", "run"]
 
@@ -43,6 +45,9 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--target", default=None, help="target id/folder for --scale paper")
     parser.add_argument("--gsm8k", default=None, help="GSM8K hub id or local file for the gsm set (paper scale)")
     parser.add_argument("--fresh", action="store_true", help="discard the cache and start over")
+    parser.add_argument("--fit-detector", action="store_true",
+                        help="fit the answer-risk detector on the detect set and save it in the composite (how the "
+                             "shipped one was made); without it a composite's own detector is evaluated, if it has one")
     parser.add_argument("--fit-calibrator", action="store_true",
                         help="fit hf_eu_calibrated's regressor on the calibration set and save it in the composite "
                              "(how the shipped one was made); without it a composite lacking one skips that estimator")
@@ -74,6 +79,32 @@ def _fit_calibrator(models, calib, scale, save: bool) -> None:
         print(f"calibrator fitted on {len(calib['answers'])} calibration questions, saved in {models.composite}")
 
 
+def _answer_risk(models, data: dict, evaluated: dict, scale, default: str, out: str, fit: bool) -> dict:
+    """Fit (with `fit`) the answer-risk detector on the detect set, then measure it on every evaluated set
+    that has both right and wrong answers; plots go to `out`."""
+    detector, confidence = models.detector, None
+    detect = data["detect"]
+    info = {"fitted_on": f"benchmarks.run --scale {scale.name} detect set ({len(detect['answers'])} arithmetic "
+                         f"questions, seed {DETECT_SEED}, disjoint from every evaluated question)",
+            "command": command("benchmarks.run")}
+    if min(detect["wrong"].mean(), 1 - detect["wrong"].mean()) > 0:
+        fitted, confidence = fit_detector(detect, default, info)
+        if fit:
+            detector = fitted
+            if scale.name != "tiny":
+                save_detector(fitted, models.composite, [a["question"] for a in detect["answers"]])
+                print(f"answer-risk detector fitted on {len(detect['answers'])} detect questions, saved in "
+                      f"{models.composite}")
+    if detector is None or detector.estimator != default:
+        return {"note": "no detector for the default estimator: run with --fit-detector"}
+    records = {}
+    for set_name, set_data in evaluated.items():
+        if set_data["wrong"].min() != set_data["wrong"].max():
+            records[set_name] = risk_records(set_data, detector, confidence, scale.bootstrap, scale.cv_seeds)
+            plot_answer_risk(records[set_name], os.path.join(out, f"answer_risk_{set_name}"))
+    return records
+
+
 def _costs(models, names, timings, scale) -> dict:
     target_flops = forward_flops(models.target)
     flops = {n: round(estimator_flops(models, n, scale) / target_flops, 4) for n in names}
@@ -100,22 +131,27 @@ def run(argv=None) -> dict:
     if fit_calibrator and "hf_eu_calibrated" not in names:
         names.append("hf_eu_calibrated")  # fitted below on the calibration set
 
+    default = models.default_estimator if models.default_estimator in names else "hf_eu"
     data, timings = {}, {}
     for set_name in ["calib"] + [s for s in questions if s != "calib"]:
         folder = os.path.join(cache, set_name)
         answers = collect_answers(models, questions[set_name], scale, set_name, folder)
-        set_names = [n for n in names if n != "hf_eu_calibrated" or (set_name != "calib" or not fit_calibrator)]
-        scores = collect_scores(models, answers, scale, folder, set_names)
+        if set_name == "detect":  # the answer-risk detector's fitting answers: no ground truth, one target pass
+            scores = collect_scores(models, answers, scale, folder, list(dict.fromkeys([default, *DETECT_ESTIMATORS])),
+                                    ground_truth=False)
+        else:
+            set_names = [n for n in names if n != "hf_eu_calibrated" or (set_name != "calib" or not fit_calibrator)]
+            scores = collect_scores(models, answers, scale, folder, set_names)
         if set_name == "calib" and fit_calibrator:
             _fit_calibrator(models, {"answers": answers, "scores": scores}, scale, save=scale.name != "tiny")
         wrong = np.array([not a["correct"] for a in answers], dtype=float)
         if scale.name == "tiny":  # random models are never right: alternate labels so detection code runs (plumbing only)
             wrong = np.arange(len(answers)) % 2.0
         data[set_name] = {"answers": answers, "scores": scores, "wrong": wrong}
-        if set_name != "calib":
+        if set_name not in ("calib", "detect"):
             timings[set_name] = collect_timing(models, answers, scale, folder, names)
 
-    evaluated = {k: v for k, v in data.items() if k != "calib"}
+    evaluated = {k: v for k, v in data.items() if k not in ("calib", "detect")}
     results = {"scale": scale.name, "command": command("benchmarks.run"), "machine": machine(),
                "composite": models.composite,
                "n_questions": {k: len(v["answers"]) for k, v in data.items()},
@@ -129,10 +165,12 @@ def run(argv=None) -> dict:
                "ground_truth": {"num_perturbed": scale.num_perturbed, **scale.perturbation},
                "max_new_tokens": scale.max_new_tokens}
     costs = _costs(models, names, timings, scale)
-    default = models.default_estimator if models.default_estimator in names else "hf_eu"
     results.update(build_results(evaluated, data["calib"]["scores"], names, costs, scale.bootstrap, scale.cv_seeds,
                                  default=default))
     os.makedirs(out, exist_ok=True)
+    if "detect" in data:
+        results["answer_risk"] = _answer_risk(models, data, evaluated, scale, default, out,
+                                              fit=args.fit_detector or scale.name == "tiny")
     with open(os.path.join(out, "questions.json"), "w") as handle:  # the evaluated texts: nothing may train on them
         json.dump({name: [q["question"] for q in qs] for name, qs in questions.items()}, handle, indent=1)
     with open(os.path.join(out, "results.json"), "w") as handle:
