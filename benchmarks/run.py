@@ -45,6 +45,8 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--target", default=None, help="target id/folder for --scale paper")
     parser.add_argument("--gsm8k", default=None, help="GSM8K hub id or local file for the gsm set (paper scale)")
     parser.add_argument("--fresh", action="store_true", help="discard the cache and start over")
+    parser.add_argument("--no-timing", action="store_true",
+                        help="skip the timing stage (answers and scores only; a later run times every estimator at once)")
     parser.add_argument("--fit-detector", action="store_true",
                         help="fit the answer-risk detector on the detect set and save it in the composite (how the "
                              "shipped one was made); without it a composite's own detector is evaluated, if it has one")
@@ -148,7 +150,7 @@ def run(argv=None) -> dict:
         if scale.name == "tiny":  # random models are never right: alternate labels so detection code runs (plumbing only)
             wrong = np.arange(len(answers)) % 2.0
         data[set_name] = {"answers": answers, "scores": scores, "wrong": wrong}
-        if set_name not in ("calib", "detect"):
+        if set_name not in ("calib", "detect") and not args.no_timing:
             timings[set_name] = collect_timing(models, answers, scale, folder, names)
 
     evaluated = {k: v for k, v in data.items() if k not in ("calib", "detect")}

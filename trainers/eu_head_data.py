@@ -201,7 +201,10 @@ def build_data(args: EUHeadDataArguments) -> str:
     perturbation = LowRankGaussianPerturbation(target, rank=args.rank, sigma=args.sigma,
                                                target_modules=args.target_modules)
     starts = list(range(0, len(rows), args.batch_size))
-    for number, start in enumerate(tqdm(starts, desc="eu head data")):
+    # batches in a fixed interleaved order, so the finished ones of an interrupted run mix every task
+    order = np.random.default_rng(0).permutation(len(starts)).tolist()
+    for number in tqdm(order, desc="eu head data"):
+        start = starts[number]
         batch_rows = [r for r in rows[start:start + args.batch_size] if r["answer_ids"]]
         if not batch_rows:
             continue
@@ -218,9 +221,9 @@ def build_data(args: EUHeadDataArguments) -> str:
     return args.output_dir
 
 
-def load_data(folder: str) -> dict[str, np.ndarray]:
+def load_data(folder: str, allow_partial: bool = False) -> dict[str, np.ndarray]:
     """`{"values": (N, F), "topk_ids": (N, k), "topk_logps": (N, k), "ground_truth": (N,), "answer_index": (N,)}`
-    over every batch of `folder`.
+    over every batch of `folder` (with `allow_partial`, over the finished ones: an interrupted run's data).
 
     A batch whose features and ground truth disagree in length, or that lacks one of them, raises.
     """
@@ -233,6 +236,8 @@ def load_data(folder: str) -> dict[str, np.ndarray]:
             continue
         paths = [os.path.join(folder, f"{kind}-{number:05d}.npz") for kind in ("features", "ground_truth")]
         if not all(os.path.isfile(p) for p in paths):
+            if allow_partial:
+                continue
             raise ValueError(f"Batch {number} of {folder} is unfinished ({paths}); rerun trainers.eu_head_data.")
         batch_features, batch_truth = dict(np.load(paths[0])), np.load(paths[1])["ground_truth"]
         expected = sum(len(rows[i]["answer_ids"]) for i in batch)

@@ -47,6 +47,8 @@ class EUHeadScriptArguments:
     composite: str | None = field(default=None, metadata={"help": "Composite folder to add the head to."})
     composite_output_dir: str | None = field(default=None, metadata={"help": "Where the composite with the head goes."})
     seed_split: int = field(default=0, metadata={"help": "Seed of the holdout split."})
+    allow_partial: bool = field(default=False, metadata={"help": "Train on the finished batches of an unfinished "
+                                                                   "data folder (recorded in the head's info)."})
 
 
 def _split(data: dict[str, np.ndarray], fraction: float, seed: int):
@@ -73,7 +75,7 @@ def _validation(head: EUHead, rows: dict[str, np.ndarray]) -> dict[str, float]:
 def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig) -> EUHead:
     """Train a head on `script.data_dir` (see the module docstring); returns it, attached to the target."""
     target = load_target(script.target)
-    parts = [load_data(folder) for folder in script.data_dir]
+    parts = [load_data(folder, allow_partial=script.allow_partial) for folder in script.data_dir]
     for number, part in enumerate(parts):  # answers of different folders stay apart in the holdout split
         part["answer_index"] = part["answer_index"] + 1_000_000 * number
     data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
