@@ -16,14 +16,17 @@ def test_pipeline_ships_a_loadable_adapter_only_composite(tmp_path):
     out, idd = tmp_path / "defaults", tmp_path / "idd"
     argv = ["--work_dir", str(tmp_path / "work"), "--output_dir", str(out), "--idd_output_dir", str(idd),
             "--gsm_questions", "2", "--arith_questions_per_task", "1", "--max_new_tokens", "6",
-            "--ddd_steps", "2", "--osd_steps", "1", "--batch_size", "4", "--lora_r", "2"]
+            "--ddd_steps", "2", "--osd_steps", "1", "--batch_size", "4", "--lora_r", "2",
+            "--eu_head_questions", "arith_add_mul=2", "--eu_head_num_perturbed", "2", "--eu_head_epochs", "1",
+            "--eu_head_max_new_tokens", "6", "--eu_head_exclude", str(tmp_path / "none.json")]
     train_defaults(argv)
     first_log = json.load(open(out / "train_log.json"))
     train_defaults(argv)  # a rerun finds every stage finished: nothing is trained or sampled again
     assert json.load(open(out / "train_log.json"))["train_seconds"] == first_log["train_seconds"]
     files = {os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out) for f in fs}
     assert {"config.json", "README.md", "train_log.json", "train_settings.json", "train_questions.json",
-            "drafts/draft_2/adapter_model.safetensors", "proxy/adapter_model.safetensors"} <= files
+            "drafts/draft_2/adapter_model.safetensors", "proxy/adapter_model.safetensors", "eu_head/model.safetensors",
+            "eu_head/config.json", "eu_head_questions.json"} <= files
     size = sum(os.path.getsize(os.path.join(out, f)) for f in files)
     assert size < 2 * 2**20, "rank-2 adapters on 4 layers must stay tiny: no base weights are stored"
     log = json.load(open(out / "train_log.json"))
@@ -36,4 +39,7 @@ def test_pipeline_ships_a_loadable_adapter_only_composite(tmp_path):
     inputs = tokenizer("What is 2 + 2?", return_tensors="pt")
     result = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(result.sequences, target.generate(**inputs, max_new_tokens=4, do_sample=False))
-    assert torch.isfinite(result.epistemic_uncertainty).all() and (result.eu_variance > 0).any()
+    assert model.config.estimator == "eu_head" and model.eu_head.info["tokens"] > 0
+    assert torch.isfinite(result.epistemic_uncertainty).all() and (result.epistemic_uncertainty > 0).all()
+    drafts_eu = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, estimator="hf_eu")
+    assert (drafts_eu.eu_variance > 0).any()

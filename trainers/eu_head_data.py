@@ -13,7 +13,8 @@ Stages, each resumable (a rerun skips every finished batch; files are written as
    perturbations of the target (DESIGN.md §1's ground truth, on seeds `perturbation_seed_start …`, apart from the
    evaluation's 0-15 and TokUR's 10000+), one value per answer token;
 4. per batch, `features-NNNNN.npz`: the head's inputs at the position predicting each answer token
-   (`hf_eu.eu_features`), from one teacher-forced target pass.
+   (`hf_eu.eu_features`), from one teacher-forced target pass (`--stage features` does only this, for the
+   batches whose ground truth is done, so it can run beside a `--stage ground_truth` process).
 `settings.json` records what the data depends on (target fingerprint, questions, perturbation); a rerun with
 other settings stops before anything is written.
 """
@@ -210,8 +211,8 @@ def build_data(args: EUHeadDataArguments) -> str:
             continue
         gt_path = os.path.join(args.output_dir, f"ground_truth-{number:05d}.npz")
         if not os.path.isfile(gt_path):
-            if args.stage == "features":
-                raise ValueError(f"{gt_path} is missing; run with `--stage ground_truth` (or all) first.")
+            if args.stage == "features":  # its ground truth is not done yet (another process may be on it)
+                continue
             values = _ground_truth(args, target, batch_rows, pad_id, perturbation)
             _write(gt_path, lambda p: np.savez(p, ground_truth=values))
         features_path = os.path.join(args.output_dir, f"features-{number:05d}.npz")

@@ -15,9 +15,14 @@ Stages, each skipped on a rerun once finished (an interrupted trainer resumes fr
 5. OSD: the proxy, a LoRA adapter on all of the target's layers (so it starts at the target, which is
    already close to the BMA; a 4-layer proxy measured 2.4 nats from the BMA against the target's 0.15),
    trained on forward KL to a freshly perturbed target;
-6. the composite is saved to `hf_eu/defaults/smollm2-135m-instruct/` (adapters only: the base is
-   rebuilt from the target) with `train_log.json`, `train_settings.json` and `train_questions.json`
-   (the exact training texts, which the evaluation excludes) beside the weights.
+6. EU head: the target's greedy answers to their own training questions, their 16-copy ground-truth EU
+   (perturbation seeds 20000+, apart from the evaluation's) and features (`trainers.eu_head_data`), then
+   `EUHeadTrainer` (`trainers.run_eu_head`); it becomes the composite's default estimator `eu_head`;
+7. the composite is saved to `hf_eu/defaults/smollm2-135m-instruct/` (adapters only: the base is
+   rebuilt from the target) with `train_log.json`, `train_settings.json`, `train_questions.json` and
+   `eu_head_questions.json` (the exact training texts, which the evaluation excludes) beside the weights.
+   A calibrator, Gaussian student or answer-risk detector already in that folder (fitted by their own
+   commands, see its config's `training`) is kept.
 """
 
 from __future__ import annotations
@@ -72,6 +77,14 @@ class DefaultsArguments:
     perturbation_rank: int = field(default=8, metadata={"help": "OSD noise rank r."})
     perturbation_sigma: float = field(default=0.1, metadata={"help": "OSD noise scale σ."})
     seed: int = field(default=0, metadata={"help": "Base seed of sampling, partitions and training."})
+    eu_head_questions: str = field(default="gsm_symbolic=72,arith_chain_sum=60,arith_products=60,arith_basic=60,"
+                                           "arith_add_mul=30",
+                                   metadata={"help": "EU-head training questions, preset=count,... ('' skips the stage)."})
+    eu_head_exclude: list[str] = field(default_factory=lambda: ["benchmarks/results/small/questions.json"],
+                                       metadata={"help": "Question files the EU head must not train on (the evaluation's)."})
+    eu_head_num_perturbed: int = field(default=16, metadata={"help": "Perturbed copies of the head's ground truth."})
+    eu_head_epochs: float = field(default=30, metadata={"help": "Epochs of the EU head's training."})
+    eu_head_max_new_tokens: int = field(default=128, metadata={"help": "Longest answer of the head's data."})
 
 
 def _questions(args: DefaultsArguments) -> list[dict]:
@@ -155,11 +168,60 @@ def _rounded(loss: float | None) -> float | None:
     return None if loss is None else round(loss, 3)
 
 
+def _eu_head(target, args: DefaultsArguments, log: dict):
+    """Stage 6: the EU head's data and training (see the module docstring); None when skipped."""
+    from trainers.eu_head_config import EUHeadConfig
+    from trainers.eu_head_data import EUHeadDataArguments, build_data
+    from trainers.run_eu_head import EUHeadScriptArguments, train_eu_head
+
+    if not args.eu_head_questions:
+        return None
+    data_dir, output_dir = os.path.join(args.work_dir, "eu-head-data"), os.path.join(args.work_dir, "eu-head")
+    exclude = [path for path in args.eu_head_exclude if os.path.isfile(path)]
+    data_args = EUHeadDataArguments(output_dir=data_dir, exclude_questions=exclude, batch_size=args.batch_size,
+                                    questions_per_task=args.eu_head_questions, num_perturbed=args.eu_head_num_perturbed,
+                                    max_new_tokens=args.eu_head_max_new_tokens, rank=args.perturbation_rank,
+                                    sigma=args.perturbation_sigma)
+    config = EUHeadConfig(output_dir=output_dir, num_train_epochs=args.eu_head_epochs, per_device_train_batch_size=256,
+                          learning_rate=3e-3, seed=args.seed, report_to=[], save_strategy="no", logging_steps=50,
+                          disable_tqdm=True, use_cpu=True)
+    heads = {}
+
+    def run():
+        began = time.perf_counter()
+        build_data(data_args)
+        data_seconds = time.perf_counter() - began
+        heads["head"] = train_eu_head(EUHeadScriptArguments(data_dir=[data_dir]), config)
+        return {"data_seconds": round(data_seconds, 1), "tokens": heads["head"].info["tokens"]}
+
+    log["eu_head"] = _stage(output_dir, run)
+    if "head" not in heads:  # finished by an earlier run
+        from hf_eu.eu_head import EU_HEAD_FOLDER, EUHead
+
+        heads["head"] = EUHead.load(os.path.join(output_dir, EU_HEAD_FOLDER))
+    return heads["head"], json.load(open(os.path.join(data_dir, "questions.json")))
+
+
+def _kept_parts(output_dir: str, target) -> dict:
+    """The calibrator, student and detector a previous composite in `output_dir` holds (fitted by other commands)."""
+    from hf_eu.configuration import load_composite_config
+    from hf_eu.serialization import load_calibrator, load_detector, load_student
+
+    if not os.path.isfile(os.path.join(output_dir, "config.json")):
+        return {}
+    config = load_composite_config(output_dir)
+    return {"calibrator": load_calibrator(output_dir, config), "student": load_student(output_dir, config, target),
+            "detector": load_detector(output_dir, config)}
+
+
 def _save(target, drafts, proxy, output_dir: str, training: dict, args: DefaultsArguments, log: dict,
-          questions: list[dict]) -> None:
+          questions: list[dict], eu_head=None) -> None:
+    kept = _kept_parts(output_dir, target)
     config = UncertaintyAwareConfig(target_name_or_path=EMBEDDED_MODEL_ID, num_drafts=len(drafts),
-                                    has_proxy=proxy is not None, training=training, adapter_storage_dtype="bfloat16")
-    UncertaintyAwareModelForCausalLM(target, drafts, proxy, config=config).save_pretrained(output_dir)
+                                    has_proxy=proxy is not None, training=training, adapter_storage_dtype="bfloat16",
+                                    estimator="eu_head" if eu_head is not None else "hf_eu")
+    UncertaintyAwareModelForCausalLM(target, drafts, proxy, config=config, eu_head=eu_head,
+                                     **{k: v for k, v in kept.items() if v is not None}).save_pretrained(output_dir)
     with open(os.path.join(output_dir, "train_settings.json"), "w") as handle:
         json.dump(asdict(args), handle, indent=2)
     with open(os.path.join(output_dir, "train_log.json"), "w") as handle:
@@ -215,7 +277,10 @@ def main(argv: list[str] | None = None) -> None:
     log["osd"] = _stage(output_dir, distil)
     proxy = _trained_student(target, proxy_layers, output_dir)
 
-    # ----------------------------------------------------------- 6. composite
+    # ------------------------------------------------------------ 6. EU head
+    eu_head = _eu_head(target, args, log)
+
+    # ----------------------------------------------------------- 7. composite
     # the from-scratch cost: every stage's own measured time, however many reruns it took to finish them
     log["train_seconds"] = round(sum(r["seconds"] for r in log.values() if isinstance(r, dict) and "seconds" in r), 1)
     training = {
@@ -230,7 +295,15 @@ def main(argv: list[str] | None = None) -> None:
         "osd_last_loss": _rounded(log["osd"]["last_loss"]),
         "train_seconds": log["train_seconds"],
     }
-    _save(target, ddd, proxy, args.output_dir, training, args, log, questions)
+    if eu_head is not None:
+        training["eu_head"] = (f"EUHead (q={eu_head[0].num_directions} Fisher directions, MLP {list(eu_head[0].hidden_sizes)}) "
+                               f"on {eu_head[0].info['tokens']} answer tokens of {eu_head[0].info['answers']} answers, "
+                               f"ground truth from {args.eu_head_num_perturbed} perturbed targets (seeds 20000+); "
+                               f"{args.eu_head_epochs} epochs")
+    _save(target, ddd, proxy, args.output_dir, training, args, log, questions, eu_head=eu_head and eu_head[0])
+    if eu_head is not None:
+        with open(os.path.join(args.output_dir, "eu_head_questions.json"), "w") as handle:
+            json.dump(sorted({q["question"] for q in eu_head[1]}), handle, indent=0)
     _save(target, idd, None, args.idd_output_dir, {**training, "partition_scheme": "identical data (cell 0)"}, args, log,
           questions)
     print(f"saved {args.output_dir} and {args.idd_output_dir} in {log['train_seconds']} s", flush=True)
