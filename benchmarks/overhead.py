@@ -83,14 +83,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--estimators", default=None, help="comma-separated names (default: the evaluation's)")
+    parser.add_argument("--composite", default=None, help="composite folder (default: the shipped one)")
     parser.add_argument("--out", default="benchmarks/results/overhead.json")
     args = parser.parse_args()
 
-    if not has_trained_defaults():
+    if args.composite is None and not has_trained_defaults():
         raise SystemExit("The shipped defaults are missing (hf_eu/defaults/); run `make train-defaults` first.")
     target, tokenizer = load_embedded_target()
     tokenizer.padding_side = "left"
-    main_model = UncertaintyAwareModelForCausalLM.from_pretrained(DEFAULT_COMPOSITE_DIR, target=target)
+    main_model = UncertaintyAwareModelForCausalLM.from_pretrained(args.composite or DEFAULT_COMPOSITE_DIR, target=target)
     idd_model = UncertaintyAwareModelForCausalLM.from_pretrained(IDD_COMPOSITE_DIR, target=target)
     models = {"main": main_model, "idd": idd_model}
     names = args.estimators.split(",") if args.estimators else estimator_names(load_models(SCALES["small"]))
@@ -113,7 +114,8 @@ def main() -> None:
         "peak_extra_memory_mb": memory[args.max_new_tokens],
         "peak_extra_memory_mb_by_answer_length": memory,
         "details": {**results, "max_new_tokens": args.max_new_tokens, "repeats": args.repeats,
-                    "composite": "hf_eu/defaults/smollm2-135m-instruct (hf_eu_idd: smollm2-135m-instruct-idd)",
+                    "composite": f"{args.composite or 'hf_eu/defaults/smollm2-135m-instruct'} (hf_eu_idd: "
+                                 "hf_eu/defaults/smollm2-135m-instruct-idd)",
                     "target": "SmolLM2-135M-Instruct (30 layers), float32", "chunk_size": "auto (128 MiB budget)",
                     "memory": "shipped composite's estimate_uncertainty, batch 8, prompt 32 tokens"},
         "command": command("benchmarks.overhead"),
