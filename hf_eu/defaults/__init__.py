@@ -39,9 +39,11 @@ def load_default(cache_dir: str | None = None, **target_kwargs):
         **target_kwargs: passed to the target's `from_pretrained` (e.g. `dtype`).
 
     Returns:
-        `(UncertaintyAwareModelForCausalLM, tokenizer)`.
+        `(UncertaintyAwareModelForCausalLM, tokenizer)`; the tokenizer pads on the left, as batched generation
+        needs (right-padded prompts would put padding between a prompt and its answer).
     """
     target, tokenizer = load_embedded_target(cache_dir=cache_dir, **target_kwargs)
+    tokenizer.padding_side = "left"
     if has_trained_defaults():
         model = UncertaintyAwareModelForCausalLM.from_pretrained(DEFAULT_COMPOSITE_DIR, target=target)
         model.config.target_name_or_path = EMBEDDED_MODEL_ID
