@@ -93,6 +93,26 @@ class UncertaintyAwareConfig(PretrainedConfig):
         self.hf_eu_version = hf_eu_version
         super().__init__(**kwargs)
 
+    def __getattr__(self, name: str):
+        """Attributes this config lacks (`eos_token_id`, `hidden_size`, `max_position_embeddings`, …) are read from
+        the target's config once a wrapper has attached it, so clients reading `model.config` see the target's."""
+        target_config = self.__dict__.get("_target_config")
+        if target_config is not None and not name.startswith("__"):
+            return getattr(target_config, name)
+        raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def attach_target_config(self, target_config) -> None:
+        """Let reads of attributes this config lacks fall through to `target_config` (never saved)."""
+        self.__dict__["_target_config"] = target_config
+
+    def to_dict(self) -> dict[str, Any]:
+        target_config = self.__dict__.pop("_target_config", None)
+        try:
+            return super().to_dict()
+        finally:
+            if target_config is not None:
+                self.__dict__["_target_config"] = target_config
+
 
 def _major(version: str) -> int:
     try:

@@ -105,6 +105,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         self.config.has_student = student is not None
         self.config.has_eu_head = eu_head is not None
         self.config.vocab_size = vocab_size
+        if getattr(target, "config", None) is not None:
+            self.config.attach_target_config(target.config)
         get_estimator(self.config.estimator)  # unknown names fail now, not at the first generate
         for part in parts.values():
             part.eval()
@@ -218,6 +220,20 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
     def generation_config(self):
         return self.target.generation_config
 
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self.target.generation_config = value
+
+    def __getattr__(self, name: str):
+        """The target's model API (embeddings, `tie_weights`, `name_or_path`, …) is reached through the wrapper,
+        as PEFT's `PeftModel` does, so code written for the bare model (lm-eval, TRL, accelerate) finds it."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in _TARGET_API and "target" in self._modules:
+                return getattr(self._modules["target"], name)
+            raise
+
     @property
     def dtype(self) -> torch.dtype:
         """The target's dtype (drafts and proxy may use another)."""
@@ -228,9 +244,9 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         """True: transformers' generation pipelines ask before calling `generate`."""
         return True
 
-    def forward(self, *args, **kwargs):
-        """The target's forward, unchanged."""
-        return self.target(*args, **kwargs)
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        """The target's forward, unchanged (named arguments, so `Trainer` keeps the usual dataset columns)."""
+        return self.target(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
 
     def generate(self, inputs: torch.Tensor | None = None, *, assistant_draft: int | None = None,
                  estimator: str | None = None, **kwargs):
@@ -370,11 +386,17 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         return scores
 
     # ------------------------------------------------------------------- saving
-    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None,
+                        safe_serialization: bool = True, max_shard_size: Any = None, **kwargs) -> None:
         """Write config, drafts, proxy (safetensors) and model card to `save_directory`, atomically.
 
-        The target's weights are not written: the config records its id and revision.
+        The target's weights are not written: the config records its id and revision. `safe_serialization`
+        must stay True (hf_eu writes safetensors only); `max_shard_size` and transformers' other saving
+        arguments are accepted for compatibility and ignored (the composite's parts are small).
         """
+        if not safe_serialization:
+            raise ValueError("`safe_serialization=False` would write pickled weights; hf_eu saves safetensors only. "
+                             "Leave it at True.")
         self.config.hf_eu_version = __version__
         save_composite(save_directory, self.config, list(self.drafts), self.proxy, repo_id=repo_id,
                        calibrator=self.calibrator, student=self.student, target=self.target, eu_head=self.eu_head,
@@ -394,6 +416,16 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                        commit_message=commit_message, repo_type="model")
         return getattr(commit, "commit_url", str(commit))
+
+
+# Attributes of the target's model API that the wrapper hands through (see `__getattr__`).
+_TARGET_API = frozenset({
+    "get_input_embeddings", "get_output_embeddings", "set_input_embeddings", "tie_weights", "resize_token_embeddings",
+    "gradient_checkpointing_enable", "gradient_checkpointing_disable", "is_gradient_checkpointing",
+    "enable_input_require_grads", "get_memory_footprint", "num_parameters", "main_input_name", "name_or_path",
+    "hf_device_map", "add_model_tags", "model_tags", "get_decoder", "base_model_prefix", "warnings_issued",
+    "supports_gradient_checkpointing", "prepare_inputs_for_generation", "loss_function", "vocab_size",
+})
 
 
 def _full_attention_mask(attention_mask, sequences: torch.Tensor, prompt_length: int, batch_size: int) -> torch.Tensor:

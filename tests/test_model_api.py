@@ -1,0 +1,49 @@
+"""The wrapper behaves like the model it wraps: config attributes, model API, Trainer columns, save arguments."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+
+def test_config_reads_fall_through_to_the_target(eu_model, target):
+    for name in ("eos_token_id", "pad_token_id", "hidden_size", "max_position_embeddings", "use_cache"):
+        assert getattr(eu_model.config, name) == getattr(target.config, name)
+    assert eu_model.config.model_type == "hf_eu" and eu_model.config.num_drafts == 3  # its own keys stay its own
+    assert "_target_config" not in eu_model.config.to_dict() and "hidden_size" not in eu_model.config.to_dict()
+    with pytest.raises(AttributeError):
+        eu_model.config.no_such_attribute
+
+
+def test_model_api_is_the_targets(eu_model, target):
+    assert eu_model.get_input_embeddings() is target.get_input_embeddings()
+    assert eu_model.get_output_embeddings() is target.get_output_embeddings()
+    assert eu_model.num_parameters() == target.num_parameters()
+    assert eu_model.main_input_name == "input_ids" and eu_model.name_or_path == target.name_or_path
+    assert eu_model.get_memory_footprint() == target.get_memory_footprint()
+    eu_model.tie_weights()
+    config = target.generation_config
+    eu_model.generation_config = config
+    assert target.generation_config is config
+    with pytest.raises(AttributeError):
+        eu_model.no_such_method
+
+
+def test_forward_has_trainer_columns_and_matches_the_target(eu_model, target, batch):
+    assert {"input_ids", "attention_mask", "labels"} <= set(inspect.signature(eu_model.forward).parameters)
+    with torch.no_grad():
+        ours = eu_model(**batch, labels=batch["input_ids"])
+        theirs = target(**batch, labels=batch["input_ids"])
+    torch.testing.assert_close(ours.logits, theirs.logits)
+    torch.testing.assert_close(ours.loss, theirs.loss)
+
+
+def test_save_accepts_transformers_arguments(eu_model, tmp_path):
+    eu_model.save_pretrained(tmp_path / "a", safe_serialization=True, max_shard_size="1GB")
+    assert (tmp_path / "a" / "config.json").is_file()
+    with pytest.raises(ValueError, match="safetensors only"):
+        eu_model.save_pretrained(tmp_path / "b", safe_serialization=False)
