@@ -11,7 +11,7 @@ import os
 
 import pytest
 import torch
-from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import GenerationConfig, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -71,3 +71,29 @@ def batch():
     input_ids = torch.tensor([[1, 5, 9, 13, 17, 21], [PAD_ID, PAD_ID, 1, 7, 11, 3]])
     attention_mask = torch.tensor([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]])
     return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def tiny_gpt2(seed: int, hidden_size: int = 16, num_layers: int = 2) -> GPT2LMHeadModel:
+    """A random GPT-2: learned absolute position embeddings, so wrong position ids under left padding show (rotary
+    Llamas only see relative positions and hide them). Same vocabulary and special ids as `tiny_llama`."""
+    config = GPT2Config(n_embd=hidden_size, n_layer=num_layers, n_head=2, vocab_size=VOCAB_SIZE, n_positions=64,
+                        initializer_range=0.5, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(config).eval()
+    model.generation_config = GenerationConfig(bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    return model
+
+
+@pytest.fixture(scope="session")
+def gpt2_models():
+    """(target, drafts, proxy), all tiny GPT-2s."""
+    drafts = [tiny_gpt2(seed=10 + k, hidden_size=8, num_layers=1) for k in range(3)]
+    return tiny_gpt2(seed=0), drafts, tiny_gpt2(seed=20, hidden_size=8, num_layers=1)
+
+
+@pytest.fixture()
+def gpt2_eu_model(gpt2_models):
+    from hf_eu import UncertaintyAwareModelForCausalLM
+
+    target, drafts, proxy = gpt2_models
+    return UncertaintyAwareModelForCausalLM.from_pretrained(target, drafts=drafts, proxy=proxy)

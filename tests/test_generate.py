@@ -41,13 +41,23 @@ def test_sequences_identical_to_target(eu_model, target, batch, args, return_dic
     assert (got.epistemic_uncertainty[got.uncertainty_mask] > 0).all()
 
 
-def test_single_prompt_equals_its_row_in_a_left_padded_batch(eu_model, batch):
+@pytest.mark.parametrize("composite", ["eu_model", "gpt2_eu_model"])  # rotary and absolute positions
+def test_single_prompt_equals_its_row_in_a_left_padded_batch(request, composite, batch):
+    eu_model = request.getfixturevalue(composite)
     batched = eu_model.generate(**batch, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     alone = eu_model.generate(input_ids=batch["input_ids"][1:, 2:], max_new_tokens=8, do_sample=False,
                               return_dict_in_generate=True)
     assert torch.equal(batched.sequences[1, 2:], alone.sequences[0])
     mask = alone.uncertainty_mask[0]
+    assert mask.any() and (alone.epistemic_uncertainty[0][mask] > 0.01).all()
     assert_close(batched.epistemic_uncertainty[1][mask], alone.epistemic_uncertainty[0][mask], atol=1e-5, rtol=1e-4)
+    # teacher forcing the same two sequences: the padded row scores like the row alone
+    prompt_length = batch["input_ids"].shape[1]
+    full_mask = torch.cat([batch["attention_mask"], torch.ones_like(batched.sequences[:, prompt_length:])], dim=1)
+    forced = eu_model.estimate_uncertainty(batched.sequences, attention_mask=full_mask, prompt_length=prompt_length)
+    forced_alone = eu_model.estimate_uncertainty(alone.sequences, prompt_length=prompt_length - 2)
+    assert_close(forced.epistemic_uncertainty[1], forced_alone.epistemic_uncertainty[0], atol=1e-5, rtol=1e-4)
+    assert_close(forced_alone.epistemic_uncertainty[0][mask], alone.epistemic_uncertainty[0][mask])
 
 
 def test_generated_eu_equals_teacher_forced_eu(eu_model, batch):
@@ -114,15 +124,20 @@ def test_assistant_draft_batch_one(eu_model, target, batch):
 
 
 def test_assistant_draft_batch_above_one_warns_once(eu_model, target, batch, caplog):
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.enable_propagation()
+    logging.Logger.warning_once.cache_clear()  # transformers' once-per-process cache: an earlier test may have warned
     expected = target.generate(**batch, max_new_tokens=6, do_sample=False)
     with caplog.at_level("WARNING"):
         first = eu_model.generate(**batch, max_new_tokens=6, do_sample=False, assistant_draft=0)
         eu_model.generate(**batch, max_new_tokens=6, do_sample=False, assistant_draft=0)
     assert torch.equal(first, expected)
-    assert sum("batch size 1 only" in r.getMessage() for r in caplog.records) <= 1
+    warnings = [r for r in caplog.records if "batch size 1 only" in r.getMessage()]
+    assert len(warnings) == 1, [r.getMessage() for r in warnings]  # the first call warns, the second does not
+    assert warnings[0].levelname == "WARNING" and "batch of 2" in warnings[0].getMessage()
 
 
 @pytest.mark.parametrize(
