@@ -59,7 +59,7 @@ SCALES = {
     "tiny": Scale("tiny", questions={"arith": 12, "gsm": 4, "calib": 9, "detect": 6}, max_new_tokens={
                   "arith": 8, "gsm": 12, "calib": 8, "detect": 8}, num_perturbed=4, batch_size=4, bootstrap=50,
                   cv_seeds=2, timing_answers=4),
-    "small": Scale("small", questions={"arith": 240, "gsm": 40, "calib": 48, "detect": 300}, max_new_tokens={
+    "small": Scale("small", questions={"arith": 160, "gsm": 24, "calib": 48, "detect": 240}, max_new_tokens={
                    "arith": 64, "gsm": 128, "calib": 64, "detect": 64}, timing_answers=8),
     "paper": Scale("paper", questions={"arith": 600, "gsm": 500, "calib": 200, "detect": 600}, max_new_tokens={
                    "arith": 96, "gsm": 320, "calib": 160, "detect": 96}, batch_size=16),

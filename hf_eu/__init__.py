@@ -9,12 +9,14 @@ from .aggregation import aggregate_uncertainty
 from .auto import UncertaintyTextGenerationPipeline, register_auto_classes
 from .configuration import UncertaintyAwareConfig
 from .defaults import load_default
+from .answer_risk import AnswerRiskDetector, abstain
+from .eu_head import EUHead
 from .estimators import Estimator, EstimatorOutput, get_estimator, list_estimators, register_estimator
 from .gaussian import GaussianStudentForCausalLM
 from .incremental import IncrementalScorer
 from .modeling import UncertaintyAwareModelForCausalLM, generated_token_mask
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
-from .scoring import score_tokens
+from .scoring import score_tokens, score_tokens_many
 from .stopping import EUThresholdCriteria
 from .streaming import EUTextIteratorStreamer, EUTextPiece, EUTextStreamer
 from .truncation import truncated_copy
@@ -31,6 +33,7 @@ __all__ = [
     "aggregate_uncertainty",
     "generated_token_mask",
     "score_tokens",
+    "score_tokens_many",
     "load_default",
     "truncated_copy",
     "Estimator",
@@ -46,4 +49,7 @@ __all__ = [
     "EUTextPiece",
     "EUThresholdCriteria",
     "GaussianStudentForCausalLM",
+    "EUHead",
+    "AnswerRiskDetector",
+    "abstain",
 ]

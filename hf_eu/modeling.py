@@ -274,6 +274,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         if return_dict and input_ids is None:
             raise ValueError("Uncertainty needs the prompt's token ids: pass `input_ids` (not only `inputs_embeds`), "
                              "or leave `return_dict_in_generate` unset to get the tokens alone.")
+        _check_left_padded(kwargs.get("attention_mask"), "attention_mask")
         if assistant_draft is not None:
             self._attach_assistant(kwargs, assistant_draft, input_ids)
         eu_criteria = prepare_eu_criteria(kwargs, input_ids, generation_config)
@@ -376,6 +377,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         """
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
+        if attention_mask is not None:
+            _check_left_padded(attention_mask[:, :prompt_length], "attention_mask[:, :prompt_length] (the prompts)")
         chosen = get_estimator(estimator or self.config.estimator)
         scores = score_tokens(
             chosen, input_ids, prompt_length,
@@ -416,6 +419,18 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                        commit_message=commit_message, repo_type="model")
         return getattr(commit, "commit_url", str(commit))
+
+
+def _check_left_padded(mask: torch.Tensor | None, name: str) -> None:
+    """Refuse right-padded prompts: padding between a prompt and its answer gives wrong tokens' EU."""
+    if mask is None or not torch.is_tensor(mask) or mask.dim() != 2 or mask.shape[1] < 2:
+        return
+    ends_early = (mask[:, :-1] != 0) & (mask[:, 1:] == 0)  # a real token followed by padding
+    if ends_early.any():
+        rows = ends_early.any(-1).nonzero().flatten().tolist()
+        raise ValueError(f"`{name}` is right-padded in rows {rows[:8]}: padding would sit between the prompt and the "
+                         "answer. Pad prompts on the left (`tokenizer.padding_side = 'left'`, as "
+                         "`hf_eu.load_default()` returns it).")
 
 
 # Attributes of the target's model API that the wrapper hands through (see `__getattr__`).

@@ -47,3 +47,15 @@ def test_save_accepts_transformers_arguments(eu_model, tmp_path):
     assert (tmp_path / "a" / "config.json").is_file()
     with pytest.raises(ValueError, match="safetensors only"):
         eu_model.save_pretrained(tmp_path / "b", safe_serialization=False)
+
+
+def test_right_padded_prompts_are_refused(eu_model):
+    ids = torch.tensor([[1, 5, 9, 13], [1, 7, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with pytest.raises(ValueError, match="right-padded in rows \\[1\\]"):
+        eu_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=2, return_dict_in_generate=True)
+    with pytest.raises(ValueError, match="right-padded"):
+        eu_model.estimate_uncertainty(ids, mask, prompt_length=4)
+    answer_padding = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])  # padding after the answer is fine
+    out = eu_model.estimate_uncertainty(ids, answer_padding, prompt_length=2)
+    assert out.uncertainty_mask.tolist() == [[True, True], [True, False]]
