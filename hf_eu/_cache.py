@@ -11,7 +11,7 @@ import inspect
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["cache_argument", "output_cache"]
+__all__ = ["cache_argument", "output_cache", "continues_in_chunks"]
 
 
 @lru_cache(maxsize=256)
@@ -40,3 +40,16 @@ def output_cache(output: Any) -> Any:
         keys = output.keys()
         return next((output[name] for name in ("cache", "past_key_values") if name in keys), None)
     return getattr(output, "cache", None)
+
+
+def continues_in_chunks(cache: Any) -> bool:
+    """Whether a model's cache can be fed a multi-token chunk after what it holds and give the logits a full forward
+    gives: only for plain attention key/value layers. Recurrent and hybrid models (Mamba, Mamba2, Jamba,
+    RecurrentGemma, ...) keep states that are meant to advance one decoding token at a time; a scorer must run
+    those cache-free (a full forward per chunk) instead."""
+    try:
+        from transformers.cache_utils import DynamicLayer, StaticLayer
+    except ImportError:  # a transformers without layered caches: plain tuples of keys and values
+        return cache is not None
+    layers = getattr(cache, "layers", None)
+    return bool(layers) and all(isinstance(layer, (DynamicLayer, StaticLayer)) for layer in layers)

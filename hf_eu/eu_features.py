@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ._cache import cache_argument, output_cache
+from ._cache import cache_argument, continues_in_chunks, output_cache
 
 __all__ = ["TargetFeatures", "TargetFeatureRecorder", "teacher_forced_features", "feature_names", "token_confidence",
            "DEFAULT_FEATURE_MODULES", "DEFAULT_TOP_K", "OUTPUT_FEATURES"]
@@ -217,10 +217,16 @@ def teacher_forced_features(model: nn.Module, input_ids: torch.Tensor, prompt_le
                                            attention_mask=attention_mask[:, : prompt_length - 1],
                                            position_ids=position_ids[:, : prompt_length - 1],
                                            use_cache=True, logits_to_keep=1))
+        cache_free = prompt_length > 1 and not continues_in_chunks(cache)  # recurrent/hybrid: full forwards
         for start in range(prompt_length - 1, input_ids.shape[1] - 1, chunk_size):
             end = min(start + chunk_size, input_ids.shape[1] - 1)
-            output = model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
-                           position_ids=position_ids[:, start:end], use_cache=True, **cache_argument(model, cache))
-            cache = output_cache(output)
+            if cache_free:
+                model(input_ids=input_ids[:, :end], attention_mask=attention_mask[:, :end],
+                      position_ids=position_ids[:, :end], use_cache=False, logits_to_keep=end - start)
+            else:
+                output = model(input_ids=input_ids[:, start:end], attention_mask=attention_mask[:, :end],
+                               position_ids=position_ids[:, start:end], use_cache=True, **cache_argument(model, cache))
+                cache = output_cache(output)
+                cache_free = not continues_in_chunks(cache)
             parts.append(recorder.pop())
     return TargetFeatures.cat(parts, dim=1)

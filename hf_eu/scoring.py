@@ -21,7 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._cache import cache_argument, output_cache
+from ._cache import cache_argument, continues_in_chunks, output_cache
 from .estimators import Estimator
 from .eu_features import TargetFeatureRecorder
 from .loading import output_vocab_size
@@ -57,10 +57,15 @@ class _ChunkedForward:
         self.perturbation = perturbation
         self.seed = seed
         self.cache = None
+        self.cache_free = False  # set for models whose cache cannot continue in chunks (recurrent, hybrid)
 
     def _forward(self, start: int, end: int, **kwargs):
         context = self.perturbation.apply(self.seed) if self.perturbation is not None else nullcontext()
         with context:
+            if self.cache_free:  # every position again from the start; logits of [start, end) only
+                kwargs.setdefault("logits_to_keep", end - start)
+                return self.model(input_ids=self.input_ids[:, :end], attention_mask=self.attention_mask[:, :end],
+                                  position_ids=self.position_ids[:, :end], use_cache=False, **kwargs)
             output = self.model(
                 input_ids=self.input_ids[:, start:end],
                 attention_mask=self.attention_mask[:, :end],
@@ -70,10 +75,13 @@ class _ChunkedForward:
                 **kwargs,
             )
         self.cache = output_cache(output)
+        if not continues_in_chunks(self.cache):
+            self.cache, self.cache_free = None, True
         return output
 
     def prefill(self, end: int) -> None:
-        """Feed positions [0, end) into the cache, computing logits at the last position only."""
+        """Feed positions [0, end) into the cache, computing logits at the last position only (a cache-free model
+        keeps nothing: each chunk then runs from position 0)."""
         if end > 0:
             self._forward(0, end, logits_to_keep=1)
 
