@@ -1,6 +1,6 @@
 """What an evaluation scale evaluates: its question sets, its models and its settings.
 
-Scales (DESIGN.md §1 protocol, issue "Evaluation"):
+Scales (docs/method.md protocol, issue "Evaluation"):
 - `tiny`: random tiny Llamas with the SmolLM2 tokenizer, a handful of questions; checks the pipeline end to
   end inside the test suite in well under a minute. Its numbers mean nothing.
 - `small`: SmolLM2-135M-Instruct with the shipped default composite (DDD drafts, OSD proxy, calibrator,

@@ -11,7 +11,7 @@ Stages, each cached under `--cache` (default `.bench-cache/<scale>`) so an inter
 it stopped: questions -> greedy answers (timed) -> per-token values of every estimator and of the ground
 truth (N perturbed targets) per batch -> timing of each estimator on the first answers -> metrics.
 Writes `benchmarks/results/<scale>/results.json`, `results.md` and plots (`roc.png`,
-`eu_vs_ground_truth.png`, `answer_heatmap.png`/`.html`). Protocol: DESIGN.md §1; scales and seeds:
+`eu_vs_ground_truth.png`, `answer_heatmap.png`/`.html`). Protocol: docs/method.md; scales and seeds:
 `benchmarks/eval_setup.py`.
 """
 

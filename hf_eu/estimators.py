@@ -7,12 +7,12 @@ Each entry declares which inputs it reads, so `scoring.py` runs only the models 
 Inputs an estimator may declare:
 - ``"drafts"``: `draft_logps` of shape `(K, N, vocab_size)`;
 - ``"reference"``: `reference_logps` `(N, vocab_size)`, the proxy when the composite has one, else
-  the target (the "no OSD" fallback of DESIGN.md §1);
+  the target (the "no OSD" fallback of docs/method.md);
 - ``"target"``: `target_logps` `(N, vocab_size)`, always the target;
 - ``"token_ids"``: `token_ids` `(N,)`, the token actually at each position;
 - ``"perturbed"``: `perturbed_logps` `(M, N, vocab_size)` from M seeded low-rank Gaussian perturbations
   of the target (`perturbation.py`); M is the entry's `num_perturbed`. Costs M target passes.
-- ``"student"``: a Gaussian-distilled student (DESIGN.md §1, seed 002): `student_logits` `(N, vocab_size)`
+- ``"student"``: a Gaussian-distilled student (docs/method.md §1, arXiv 2510.19290): `student_logits` `(N, vocab_size)`
   (its mean member) and `student_factor_logits` `(q, N, vocab_size)` (each latent factor mapped to logits).
 - ``"calibrator"``: `calibrator`, the fitted `EUCalibrator` stored with the composite.
 - ``"features"``: `target_features`, the target's own computation at each position (`eu_features.TargetFeatures`
@@ -154,7 +154,7 @@ def _variance_plus_bias(draft_logps: torch.Tensor, reference_logps: torch.Tensor
     description="JSD among drafts + KL(draft mixture ‖ proxy); the proxy falls back to the target.",
 )
 def hf_eu(draft_logps: torch.Tensor, reference_logps: torch.Tensor) -> EstimatorOutput:
-    """EU_hat = (1/K) Σ_k KL(q_k ‖ q̄) + KL(q̄ ‖ p_φ) = (1/K) Σ_k KL(q_k ‖ p_φ) (DESIGN.md §1)."""
+    """EU_hat = (1/K) Σ_k KL(q_k ‖ q̄) + KL(q̄ ‖ p_φ) = (1/K) Σ_k KL(q_k ‖ p_φ) (docs/method.md)."""
     return _variance_plus_bias(draft_logps, reference_logps)
 
 
@@ -234,7 +234,7 @@ def hf_eu_k2(draft_logps: torch.Tensor, reference_logps: torch.Tensor) -> Estima
 
 
 def _perturbation_mutual_information(perturbed_logps: torch.Tensor) -> EstimatorOutput:
-    """MI = H((1/M) Σ_m p_m) − (1/M) Σ_m H(p_m) = JSD of the M perturbed targets (DESIGN.md §1)."""
+    """MI = H((1/M) Σ_m p_m) − (1/M) Σ_m H(p_m) = JSD of the M perturbed targets (docs/method.md)."""
     information = jsd(perturbed_logps, dim=0)  # (N,)
     return EstimatorOutput(score=information, variance=information)
 
@@ -243,7 +243,7 @@ def perturbed_ensemble_estimator(num_perturbed: int, name: str | None = None) ->
     """An unregistered estimator: the mutual information of `num_perturbed` perturbed copies of the target.
 
     With a large M (default evaluation: 16, on seeds disjoint from TokUR's) this is the ground-truth EU of
-    DESIGN.md §1; with M = 4 or 8 it is the TokUR baseline (`tokur_m4`, `tokur_m8`).
+    docs/method.md; with M = 4 or 8 it is the TokUR baseline (`tokur_m4`, `tokur_m8`).
     """
     if not isinstance(num_perturbed, int) or num_perturbed < 2:
         raise ValueError(f"`num_perturbed` must be an integer ≥ 2 (mutual information needs two members), "

@@ -32,7 +32,7 @@ from ._cache import cache_argument, continues_in_chunks, output_cache
 __all__ = ["TargetFeatures", "TargetFeatureRecorder", "teacher_forced_features", "feature_names", "token_confidence",
            "DEFAULT_FEATURE_MODULES", "DEFAULT_TOP_K", "OUTPUT_FEATURES"]
 
-DEFAULT_FEATURE_MODULES = ("q_proj", "v_proj")  # the layers the ground truth perturbs (DESIGN.md §1)
+DEFAULT_FEATURE_MODULES = ("q_proj", "v_proj")  # the layers the ground truth perturbs (docs/method.md)
 DEFAULT_TOP_K = 64
 OUTPUT_FEATURES = ("entropy", "max_logp", "top2_gap", "log_partition")
 

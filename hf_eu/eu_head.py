@@ -1,7 +1,7 @@
 """`EUHead`: a small network distilled from the ground truth that predicts each token's EU from what the target computes.
 
 Knowledge distillation of uncertainty at token level: the teacher is the 16-copy perturbed ensemble
-(DESIGN.md §1's ground truth), the student is this head, and its inputs are the target's own features
+(the ground truth of docs/method.md §2), the student is this head, and its inputs are the target's own features
 at the position predicting the token (`hf_eu.eu_features`): the log-norms of the perturbed layers'
 inputs, the output distribution's statistics, and the top-k tokens with their log-probs.
 

@@ -1,4 +1,4 @@
-"""The Gaussian-distilled student (DESIGN.md §1, seed 002): one network that stands for a whole ensemble.
+"""The Gaussian-distilled student (docs/method.md §1, arXiv 2510.19290): one network that stands for a whole ensemble.
 
 The deep latent factor model treats each member of a teacher ensemble as a draw
 

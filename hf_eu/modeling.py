@@ -347,7 +347,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         extras = {"calibrator": self.calibrator, "student": self.student, "eu_head": self.eu_head}
         if "perturbed" in estimator.inputs:
             if self._perturbation is None:
-                self._perturbation = LowRankGaussianPerturbation(self.target)  # DESIGN.md defaults: r = 8, σ = 0.1
+                self._perturbation = LowRankGaussianPerturbation(self.target)  # docs/method.md §2 defaults: r = 8, σ = 0.1
             extras["perturbation"] = self._perturbation
         return extras
 

@@ -1,4 +1,4 @@
-"""Reversible, seeded low-rank Gaussian weight perturbation of a model (DESIGN.md §1).
+"""Reversible, seeded low-rank Gaussian weight perturbation of a model (docs/method.md).
 
 For each chosen linear layer (default: attention `q_proj` and `v_proj`), W = W0 + U_r εᵀ, where U_r
 holds the top-r left singular vectors of W0 (shape `(out_features, r)`) and ε has i.i.d. N(0, σ²)

@@ -139,7 +139,7 @@ def score_tokens_many(
         chunk_size: positions per chunk; None derives it from `max_chunk_elements`.
         max_chunk_elements: bound on the floats of one chunk of log-probs across all models.
         perturbation: for estimators reading ``"perturbed"``: the target's perturbation (default: a
-            `LowRankGaussianPerturbation(target)` with DESIGN.md's defaults).
+            `LowRankGaussianPerturbation(target)` with docs/method.md §2's defaults).
         perturbation_seeds: seeds of the perturbed copies (default `0 … M-1`); an estimator uses the
             first `num_perturbed`; a mapping gives each estimator name its own list. Estimators that
             share a seed share that copy's pass.

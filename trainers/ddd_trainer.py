@@ -1,4 +1,4 @@
-"""Data-Diverse Drafts: train draft k on partition k only, distilling the target (DESIGN.md §1).
+"""Data-Diverse Drafts: train draft k on partition k only, distilling the target (docs/method.md).
 
 `DDDTrainer` takes the partitioned response data set (from `trainers.partition.partition_dataset`),
 keeps only the rows of `args.partition_index`, and trains the draft with token-level forward

@@ -10,7 +10,7 @@ Stages, each resumable (a rerun skips every finished batch; files are written as
    `exclude_questions` (the evaluation's sets) removed, written to `questions.json`;
 2. the target's greedy chat answers, `answers.json`;
 3. per batch of answers, `ground_truth-NNNNN.npz`: the mutual information of `num_perturbed` low-rank Gaussian
-   perturbations of the target (DESIGN.md §1's ground truth, on seeds `perturbation_seed_start …`, apart from the
+   perturbations of the target (the ground truth of docs/method.md §2, on seeds `perturbation_seed_start …`, apart from the
    evaluation's 0-15 and TokUR's 10000+), one value per answer token;
 4. per batch, `features-NNNNN.npz`: the head's inputs at the position predicting each answer token
    (`hf_eu.eu_features`), from one teacher-forced target pass (`--stage features` does only this, for the

@@ -4,7 +4,7 @@
     rmse = evaluate.load("benchmarks/metrics/eu_rmse")      # a local path: no hub access needed
     rmse.compute(predictions=[0.1, 0.4], references=[0.0, 0.5])   # {'rmse': 0.1}
 
-RMSE = sqrt(mean_t (EU_hat(t) − GT_EU(t))²), pooled over all answer tokens (DESIGN.md §1). With
+RMSE = sqrt(mean_t (EU_hat(t) − GT_EU(t))²), pooled over all answer tokens (docs/method.md). With
 `affine_fit=True` the predictions are first mapped by the least-squares line a·x + b fitted on
 `fit_predictions`/`fit_references` (calibration tokens, never the evaluated ones): how cheap baselines on
 another scale are compared.
