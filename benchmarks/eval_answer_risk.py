@@ -149,7 +149,15 @@ def save_detector(detector: AnswerRiskDetector, composite: str, questions: list[
     config_path = os.path.join(composite, "config.json")
     config = json.load(open(config_path))
     config["has_detector"] = True
+    config.setdefault("training", {})["answer_risk_detector"] = (
+        f"logistic regression on {len(detector.feature_names)} answer features (EU of '{detector.estimator}', the "
+        f"target's confidence, log length), fitted on {detector.info.get('fitted_on')}; questions in "
+        "detector_questions.json")
     for path, payload in ((config_path, config), (os.path.join(composite, "detector_questions.json"), questions)):
         with open(path + ".tmp", "w") as handle:
-            json.dump(payload, handle, indent=2)
+            json.dump(payload, handle, indent=2, sort_keys=path == config_path)
         os.replace(path + ".tmp", path)
+    from hf_eu.configuration import UncertaintyAwareConfig
+    from hf_eu.model_card import render_model_card
+
+    render_model_card(UncertaintyAwareConfig(**config)).save(os.path.join(composite, "README.md"))
