@@ -45,6 +45,9 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--target", default=None, help="target id/folder for --scale paper")
     parser.add_argument("--gsm8k", default=None, help="GSM8K hub id or local file for the gsm set (paper scale)")
     parser.add_argument("--fresh", action="store_true", help="discard the cache and start over")
+    parser.add_argument("--only-sets", default=None,
+                        help="comma-separated sets to answer and score, nothing else (e.g. 'gsm' in a second process "
+                             "beside a run on the others); writes no results")
     parser.add_argument("--no-timing", action="store_true",
                         help="skip the timing stage (answers and scores only; a later run times every estimator at once)")
     parser.add_argument("--fit-detector", action="store_true",
@@ -136,6 +139,8 @@ def run(argv=None) -> dict:
     default = models.default_estimator if models.default_estimator in names else "hf_eu"
     data, timings = {}, {}
     for set_name in ["calib"] + [s for s in questions if s != "calib"]:
+        if args.only_sets and set_name not in args.only_sets.split(","):
+            continue
         folder = os.path.join(cache, set_name)
         answers = collect_answers(models, questions[set_name], scale, set_name, folder)
         if set_name == "detect":  # the answer-risk detector's fitting answers: no ground truth, one target pass
@@ -153,6 +158,9 @@ def run(argv=None) -> dict:
         if set_name not in ("calib", "detect") and not args.no_timing:
             timings[set_name] = collect_timing(models, answers, scale, folder, names)
 
+    if args.only_sets:
+        print(f"answered and scored {sorted(data)}; run without --only-sets for the results")
+        return {}
     evaluated = {k: v for k, v in data.items() if k not in ("calib", "detect")}
     results = {"scale": scale.name, "command": command("benchmarks.run"), "machine": machine(),
                "composite": models.composite,
