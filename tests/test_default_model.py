@@ -7,16 +7,41 @@ import torch
 
 from hf_eu import aggregate_uncertainty, load_default
 
+# The shipped composite's EU of its greedy answer "2 + 3 = 5<|im_end|>" to "What is 2 + 3?" (eu_head, the default;
+# hf_eu, the drafts' estimate): a silent fallback to untrained drafts, a missing proxy or another head changes them.
+# Recompute after retraining the defaults (python -m trainers.train_defaults / trainers.run_eu_head).
+SHIPPED_EU_HEAD = [0.2045, 0.0739, 0.0051, 0.0070, 0.1452, 0.0555, 0.0622, 0.2120]
+SHIPPED_HF_EU = [5.9177, 5.0288, 1.5767, 4.9547, 4.9001, 0.1770, 4.5272, 4.8239]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # the untrained-fallback notice must not appear
+        return load_default()
+
 
 @pytest.mark.slow
-def test_load_default_generates_identically_with_eu():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the untrained-fallback notice, until trained defaults ship
-        model, tokenizer = load_default()
+def test_load_default_loads_the_shipped_parts(shipped):
+    model, tokenizer = shipped
+    assert len(model.drafts) == 3 and model.proxy is not None and model.eu_head is not None
+    assert model.config.estimator == "eu_head" and tokenizer.padding_side == "left"
+    inputs = tokenizer(tokenizer.apply_chat_template([{"role": "user", "content": "What is 2 + 3?"}], tokenize=False,
+                                                     add_generation_prompt=True), return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    assert tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:]) == "2 + 3 = 5<|im_end|>"
+    torch.testing.assert_close(out.epistemic_uncertainty[0], torch.tensor(SHIPPED_EU_HEAD), atol=2e-3, rtol=1e-2)
+    drafts = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, estimator="hf_eu")
+    torch.testing.assert_close(drafts.epistemic_uncertainty[0], torch.tensor(SHIPPED_HF_EU), atol=2e-3, rtol=1e-3)
+    torch.testing.assert_close(drafts.epistemic_uncertainty, drafts.eu_variance + drafts.eu_bias)
+
+
+@pytest.mark.slow
+def test_load_default_generates_identically_with_eu(shipped):
+    model, tokenizer = shipped
     questions = ["What is 2 + 3?", "Name a colour."]
     prompts = [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
                                              add_generation_prompt=True) for q in questions]
-    tokenizer.padding_side = "left"
     inputs = tokenizer(prompts, return_tensors="pt", padding=True)
     assert inputs["attention_mask"][:, 0].tolist().count(0) == 1, "the test needs one left-padded row"
     plain = model.target.generate(**inputs, max_new_tokens=8, do_sample=False)
@@ -25,6 +50,9 @@ def test_load_default_generates_identically_with_eu():
     assert out.epistemic_uncertainty.shape == (2, out.sequences.shape[1] - inputs["input_ids"].shape[1])
     real = out.epistemic_uncertainty[out.uncertainty_mask]
     assert torch.isfinite(real).all() and (real > 0).all()
-    torch.testing.assert_close(out.epistemic_uncertainty, out.eu_variance + out.eu_bias)
+    width = inputs["input_ids"].shape[1]
+    mask = torch.cat([inputs["attention_mask"], out.uncertainty_mask.long()], 1)
+    again = model.estimate_uncertainty(out.sequences, mask, prompt_length=width)  # teacher forcing, no hooks
+    torch.testing.assert_close(again.epistemic_uncertainty, out.epistemic_uncertainty, atol=1e-5, rtol=1e-4)
     assert (aggregate_uncertainty(out.epistemic_uncertainty, out.uncertainty_mask, "mean") > 0).all()
     assert model.config.target_name_or_path == "HuggingFaceTB/SmolLM2-135M-Instruct"
