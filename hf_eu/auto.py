@@ -17,6 +17,8 @@ Decoding stays the target's own `generate`; this module only routes arguments an
 
 from __future__ import annotations
 
+import torch
+
 from transformers import AutoConfig, AutoModelForCausalLM, TextGenerationPipeline
 from transformers.pipelines import PIPELINE_REGISTRY
 from transformers.pipelines.text_generation import ReturnType
@@ -87,6 +89,8 @@ class UncertaintyTextGenerationPipeline(TextGenerationPipeline):
                 values = model_outputs.get(name)
                 record[name] = None if values is None else values[0][idx][mask].tolist()
             record.pop("uncertainty_mask", None)
+            risk = model_outputs.get("answer_risk")  # P(the answer is wrong), when the composite has a detector
+            record["answer_risk"] = None if risk is None else float(torch.as_tensor(risk).reshape(-1)[idx])
         return records
 
 

@@ -240,6 +240,7 @@ def _answer_record(tokenizer, question: str, prompt: str, out, prompt_length: in
         record[name] = None if values is None else values[0][mask].tolist()
     for reduction in ("sum", "mean", "max"):
         record[f"eu_{reduction}"] = aggregate_uncertainty(out.epistemic_uncertainty[:1], mask[None], reduction).item()
+    record["answer_risk"] = None if out.answer_risk is None else float(out.answer_risk[0])  # P(the answer is wrong)
     return record
 
 
@@ -260,8 +261,9 @@ def _print_coloured(record: dict[str, Any]) -> None:
     scale.append(f"  0 … {high:.3g} nats")
     console.print(Text("Q: ", style="bold") + Text(record["question"]))
     console.print(Text("A: ", style="bold") + answer)
+    risk = "" if record.get("answer_risk") is None else f"; risk of a wrong answer {record['answer_risk']:.0%}"
     console.print(f"EU: sum {record['eu_sum']:.3f}  mean {record['eu_mean']:.3f}  max {record['eu_max']:.3f} nats "
-                  f"over {len(values)} tokens")
+                  f"over {len(values)} tokens{risk}")
     console.print(scale)
 
 

@@ -259,6 +259,7 @@ def _score_batch(model, tokenizer, rows: list[dict], encoded: list[tuple[list[in
             "token_ids": answer_ids,
             **{name: None if v is None else v[b, :n].tolist() for name, v in values.items()},
             **{f"eu_{r}": aggregate_uncertainty(eu, None, r).item() for r in ("sum", "mean", "max")},
+            "answer_risk": None if out.answer_risk is None else float(out.answer_risk[b]),
         })
     return scored
 

@@ -117,3 +117,24 @@ def test_generate_returns_the_detectors_risk(risky_model, batch, tmp_path):
     loaded = UncertaintyAwareModelForCausalLM.from_pretrained(tmp_path / "composite", target=model.target)
     assert loaded.config.has_detector and loaded.detector.estimator == "eu_head"
     assert_close(loaded.generate(**batch, max_new_tokens=5, return_dict_in_generate=True).answer_risk, out.answer_risk)
+
+
+def test_pipeline_and_score_rows_carry_the_risk(risky_model, tmp_path):
+    import json
+
+    from test_auto import pad_ready_tokenizer
+    from transformers import pipeline
+
+    from hf_eu.jsonl_scoring import score_jsonl
+
+    model, detector = risky_model
+    model.detector = detector
+    tokenizer = pad_ready_tokenizer()
+    generator = pipeline("text-generation-with-uncertainty", model=model, tokenizer=tokenizer)
+    record = generator("w1 w5 w9 w13", max_new_tokens=4, do_sample=False)[0]
+    assert 0.0 <= record["answer_risk"] <= 1.0
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"prompt": "w1 w5", "answer": "w9 w13 w17"}) + "\n")
+    score_jsonl(model, tokenizer, str(rows), str(tmp_path / "scored.jsonl"), progress=False)
+    scored = json.loads((tmp_path / "scored.jsonl").read_text().splitlines()[0])
+    assert 0.0 <= scored["answer_risk"] <= 1.0
