@@ -138,7 +138,7 @@ def markdown_table(results: dict) -> str:
     lines = [f"# Evaluation ({results['scale']})", "", f"Command: `{results['command']}`  ", f"Machine: {results['machine']}",
              ""]
     for set_name in results["n_questions"]:
-        if set_name == "calib":
+        if set_name in ("calib", "detect"):  # fitting sets: no ground truth is evaluated on them
             continue
         lines += [f"## {set_name}: {results['n_questions'][set_name]} questions, {results['n_tokens'][set_name]} answer "
                   f"tokens, target accuracy {results['target_accuracy'][set_name]:.1%}", "",
