@@ -138,3 +138,27 @@ def test_pipeline_and_score_rows_carry_the_risk(risky_model, tmp_path):
     score_jsonl(model, tokenizer, str(rows), str(tmp_path / "scored.jsonl"), progress=False)
     scored = json.loads((tmp_path / "scored.jsonl").read_text().splitlines()[0])
     assert 0.0 <= scored["answer_risk"] <= 1.0
+
+
+def test_recipe_abstains_on_the_risk(risky_model):
+    import importlib.util
+    import os
+
+    from test_auto import pad_ready_tokenizer
+
+    from hf_eu import EUThresholdCriteria
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "examples", "abstain_chat.py")
+    spec = importlib.util.spec_from_file_location("abstain_chat", path)
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    model, detector = risky_model
+    model.detector = detector
+    tokenizer = pad_ready_tokenizer()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    messages = [{"role": "user", "content": "w1 w5 w9"}]
+    never = EUThresholdCriteria(model, 1e6)
+    risky = recipe.answer(model, tokenizer, messages, never, max_new_tokens=4, max_risk=0.0)
+    assert risky["reply"] == recipe.ABSTENTION and 0 < risky["risk"] <= 1 and not risky["stopped"]
+    trusted = recipe.answer(model, tokenizer, messages, never, max_new_tokens=4, max_risk=1.0)
+    assert trusted["reply"] == trusted["generated"]
