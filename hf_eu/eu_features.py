@@ -162,22 +162,20 @@ class TargetFeatureRecorder:
         self._norms.clear()
 
     @contextmanager
-    def pause(self):
-        """Within this block, forward calls are not recorded."""
-        previous, self._recording = self._recording, False
+    def _recording_set_to(self, value: bool):
+        previous, self._recording = self._recording, value
         try:
             yield
         finally:
             self._recording = previous
 
-    @contextmanager
+    def pause(self):
+        """Context in which forward calls are not recorded."""
+        return self._recording_set_to(False)
+
     def recording(self):
-        """Within this block, forward calls are recorded (the default outside `pause`)."""
-        previous, self._recording = self._recording, True
-        try:
-            yield
-        finally:
-            self._recording = previous
+        """Context in which forward calls are recorded (the default unless built with `record=False`)."""
+        return self._recording_set_to(True)
 
     def pop(self) -> TargetFeatures:
         """The record of the last forward call, removed from `calls`."""
