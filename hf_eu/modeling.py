@@ -9,7 +9,6 @@ uncertainty beside transformers' usual fields. `estimate_uncertainty` does the s
 
 from __future__ import annotations
 
-import copy
 import os
 import tempfile
 from contextlib import nullcontext
@@ -19,13 +18,15 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi
 from torch import nn
-from transformers.generation import GenerateBeamDecoderOnlyOutput, GenerationMode
+from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.utils import logging
 
 from ._version import __version__
 from .calibration import EUCalibrator
 from .configuration import UncertaintyAwareConfig, load_composite_config
 from .estimators import get_estimator
+from .generation_utils import (TARGET_API, check_left_padded, decodes_token_by_token, full_attention_mask,
+                               generated_token_mask)
 from .loading import (
     check_same_tokenizer,
     check_same_vocabulary,
@@ -230,7 +231,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in _TARGET_API and "target" in self._modules:
+            if name in TARGET_API and "target" in self._modules:
                 return getattr(self._modules["target"], name)
             raise
 
@@ -274,12 +275,12 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         if return_dict and input_ids is None:
             raise ValueError("Uncertainty needs the prompt's token ids: pass `input_ids` (not only `inputs_embeds`), "
                              "or leave `return_dict_in_generate` unset to get the tokens alone.")
-        _check_left_padded(kwargs.get("attention_mask"), "attention_mask")
+        check_left_padded(kwargs.get("attention_mask"), "attention_mask")
         if assistant_draft is not None:
             self._attach_assistant(kwargs, assistant_draft, input_ids)
         eu_criteria = prepare_eu_criteria(kwargs, input_ids, generation_config)
         recorder = (TargetFeatureRecorder(self.target) if return_dict and reads_only_features(chosen)
-                    and _decodes_token_by_token(kwargs, generation_config) else None)
+                    and decodes_token_by_token(kwargs, generation_config) else None)
         with recorder if recorder is not None else nullcontext():
             output = self.target.generate(inputs, **kwargs)
         if not return_dict:
@@ -292,7 +293,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         eos_token_id = kwargs.get("eos_token_id", generation_config.eos_token_id)
         pad_token_id = kwargs.get("pad_token_id", generation_config.pad_token_id)
         features = recorder.generated(sequences.shape[1] - prompt_length, sequences.shape[0]) if recorder else None
-        full_mask = _full_attention_mask(kwargs.get("attention_mask"), sequences, prompt_length, input_ids.shape[0])
+        full_mask = full_attention_mask(kwargs.get("attention_mask"), sequences, prompt_length, input_ids.shape[0])
         if features is not None:  # the target's own decoding passes gave every token's features: no scoring pass
             mask = generated_token_mask(sequences[:, prompt_length:], eos_token_id, pad_token_id)
             scores = score_recorded(chosen, features, mask, eu_head=self.eu_head, calibrator=self.calibrator)
@@ -378,7 +379,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         if input_ids.dim() != 2:
             raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
         if attention_mask is not None:
-            _check_left_padded(attention_mask[:, :prompt_length], "attention_mask[:, :prompt_length] (the prompts)")
+            check_left_padded(attention_mask[:, :prompt_length], "attention_mask[:, :prompt_length] (the prompts)")
         chosen = get_estimator(estimator or self.config.estimator)
         scores = score_tokens(
             chosen, input_ids, prompt_length,
@@ -419,76 +420,6 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             commit = api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision,
                                        commit_message=commit_message, repo_type="model")
         return getattr(commit, "commit_url", str(commit))
-
-
-def _check_left_padded(mask: torch.Tensor | None, name: str) -> None:
-    """Refuse right-padded prompts: padding between a prompt and its answer gives wrong tokens' EU."""
-    if mask is None or not torch.is_tensor(mask) or mask.dim() != 2 or mask.shape[1] < 2:
-        return
-    ends_early = (mask[:, :-1] != 0) & (mask[:, 1:] == 0)  # a real token followed by padding
-    if ends_early.any():
-        rows = ends_early.any(-1).nonzero().flatten().tolist()
-        raise ValueError(f"`{name}` is right-padded in rows {rows[:8]}: padding would sit between the prompt and the "
-                         "answer. Pad prompts on the left (`tokenizer.padding_side = 'left'`, as "
-                         "`hf_eu.load_default()` returns it).")
-
-
-# Attributes of the target's model API that the wrapper hands through (see `__getattr__`).
-_TARGET_API = frozenset({
-    "get_input_embeddings", "get_output_embeddings", "set_input_embeddings", "tie_weights", "resize_token_embeddings",
-    "gradient_checkpointing_enable", "gradient_checkpointing_disable", "is_gradient_checkpointing",
-    "enable_input_require_grads", "get_memory_footprint", "num_parameters", "main_input_name", "name_or_path",
-    "hf_device_map", "add_model_tags", "model_tags", "get_decoder", "base_model_prefix", "warnings_issued",
-    "supports_gradient_checkpointing", "prepare_inputs_for_generation", "loss_function", "vocab_size",
-})
-
-
-def _full_attention_mask(attention_mask, sequences: torch.Tensor, prompt_length: int, batch_size: int) -> torch.Tensor:
-    """`(R, P + T)` mask of generated sequences: the prompt's (rows repeated for num_return_sequences), then ones."""
-    rows = sequences.shape[0]
-    prompt_mask = attention_mask if attention_mask is not None else torch.ones(batch_size, prompt_length)
-    prompt_mask = prompt_mask.to(sequences.device).long().repeat_interleave(rows // batch_size, dim=0)  # (R, P)
-    return torch.cat([prompt_mask, torch.ones_like(sequences[:, prompt_length:])], dim=1)  # (R, P + T)
-
-
-def _decodes_token_by_token(kwargs: dict, generation_config) -> bool:
-    """Whether `generate` will call the target once per new token on every row (greedy or sampling, no
-    assistant, no beams): then the recorded forward calls map one to one onto the new tokens."""
-    if any(kwargs.get(name) is not None for name in ("assistant_model", "prompt_lookup_num_tokens", "custom_generate")):
-        return False
-    config = copy.deepcopy(kwargs.get("generation_config") or generation_config)
-    config.update(**{k: v for k, v in kwargs.items() if hasattr(config, k) and k != "generation_config"})
-    try:
-        mode = config.get_generation_mode()
-    except (ValueError, TypeError):
-        return False
-    return mode in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE) and getattr(config, "dola_layers", None) is None
-
-
-def generated_token_mask(new_tokens: torch.Tensor, eos_token_id: Any, pad_token_id: Any = None) -> torch.Tensor:
-    """Bool mask `(batch, new_tokens)`: True up to and including the first EOS of each row.
-
-    Tokens after the first EOS are the padding generate appends to finished rows. When the pad token
-    is not an EOS token, a trailing run of pad tokens (rows stopped by other stopping criteria) is
-    also masked out.
-    """
-    eos_ids = _as_id_tensor(eos_token_id, new_tokens.device)
-    valid = torch.ones_like(new_tokens, dtype=torch.bool)
-    if eos_ids.numel():
-        is_eos = torch.isin(new_tokens, eos_ids).long()  # (B, T)
-        valid = (is_eos.cumsum(-1) - is_eos) == 0
-    pad_ids = _as_id_tensor(pad_token_id, new_tokens.device)
-    if pad_ids.numel() and not torch.isin(pad_ids, eos_ids).all():
-        is_pad = torch.isin(new_tokens, pad_ids)
-        trailing_pad = is_pad.flip(-1).long().cumprod(-1).flip(-1).bool()  # (B, T): pad from here to the end
-        valid &= ~trailing_pad
-    return valid
-
-
-def _as_id_tensor(token_id: Any, device: torch.device) -> torch.Tensor:
-    if token_id is None:
-        return torch.empty(0, dtype=torch.long, device=device)
-    return torch.as_tensor(token_id, dtype=torch.long, device=device).flatten()
 
 
 def _device_of(model: nn.Module) -> torch.device:
