@@ -18,8 +18,8 @@ The threshold is in nats of per-token EU of the composite's estimator. With the 
 score about 0-0.4 nats ("What is 2+3?" peaks near 0.23); the default 9.5 never stops a reply, so pass a
 threshold tuned on your own questions. With `--max-risk`, a finished reply whose `out.answer_risk` (the
 probability that the answer is wrong) is above it becomes "I am not sure." too (`hf_eu.abstain`). The shipped
-detector was fitted on arithmetic the target gets 77% wrong, so its risks run high ("2 + 3 = 5": 0.91,
-"17 * 23 = 381.": 0.96): rank by it rather than read it as a probability for other questions.
+detector was fitted on arithmetic the target gets 77% wrong, so its risks run high ("2 + 3 = 5": 0.87,
+"17 * 23 = 381.": 0.95): rank by it rather than read it as a probability for other questions.
 """
 
 from __future__ import annotations
