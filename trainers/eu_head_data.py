@@ -21,7 +21,6 @@ other settings stops before anything is written.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -30,7 +29,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["EUHeadDataArguments", "build_questions", "build_data", "load_data", "model_fingerprint"]
+from hf_eu.fingerprint import model_fingerprint
+
+__all__ = ["EUHeadDataArguments", "build_questions", "build_data", "load_data"]
 
 
 @dataclass
@@ -97,17 +98,6 @@ def build_questions(args: EUHeadDataArguments) -> list[dict]:
         pool = reasoning_gym_questions(task, 6 * count + 16, seed=args.question_seed)
         chosen += [q for q in pool if q["question"] not in seen and not seen.add(q["question"])][:count]
     return chosen
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of a model's parameter names, shapes and a sample of its values: tells two models apart."""
-    digest = hashlib.sha256()
-    for name, parameter in model.state_dict().items():
-        flat = parameter.detach().flatten()
-        sample = flat[:: max(1, flat.numel() // 64)][:64].float().cpu().numpy()
-        digest.update(f"{name}{tuple(parameter.shape)}".encode())
-        digest.update(np.round(sample.astype(np.float64), 6).tobytes())
-    return digest.hexdigest()[:16]
 
 
 def _write(path: str, write) -> None:
