@@ -2,8 +2,9 @@
 
 Each stage writes into `<cache>/<set>/`: `answers.json` once all answers exist, then one
 `scores-<batch>.npz` per batch of answers (every estimator's per-token values for those answers,
-concatenated, with the answers' lengths), then `timing.json`. A rerun skips whatever is complete, so an
-interrupted run continues at the batch it stopped in. Files are written aside and renamed.
+concatenated, keyed by a digest of the batch's answers), then `timing.json`. A rerun skips whatever is complete,
+so an interrupted run continues at the batch it stopped in, and a set that grows keeps its cached answers and the
+scores of every batch whose answers did not change. Files are written aside and renamed.
 
 The ground truth and all estimators of the main composite run in one `score_tokens_many` sweep per batch
 (each perturbed copy once; TokUR M = 4 uses the first four of TokUR M = 8's seeds); `hf_eu_idd` runs the
@@ -13,6 +14,7 @@ answers of the set, and compared with the plain generation time of the same answ
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -31,6 +33,7 @@ from trainers.calibration import Answer, _answer_batch, answer_greedily
 __all__ = ["estimator_names", "collect_answers", "collect_scores", "collect_timing", "forward_flops"]
 
 GROUND_TRUTH = "ground_truth"
+_KEY = "_batch_key"  # not an estimator: the digest of the answers a scores file belongs to
 _MAIN = ["hf_eu", "hf_eu_variance_only", "hf_eu_no_osd", "hf_eu_k2", "tokur_m4", "tokur_m8", "entropy", "max_prob",
          "neg_logprob", "proxy_entropy"]
 
@@ -54,27 +57,33 @@ def _write_json(path: str, payload) -> None:
 
 
 def collect_answers(models: Models, questions: list[dict], scale: Scale, set_name: str, folder: str) -> list[Answer]:
-    """Greedy answers with correctness labels (cached in `answers.json`)."""
+    """Greedy answers with correctness labels (cached in `answers.json`; a question answered in an earlier run
+    keeps its cached answer, so a scale that grows answers only its new questions)."""
     path = os.path.join(folder, "answers.json")
-    if os.path.isfile(path):
-        rows = json.load(open(path))
-        if [r["question"] for r in rows] != [q["question"] for q in questions]:
-            raise ValueError(f"{path} holds answers to other questions than this run asks (the scale's settings "
-                             "changed?); rerun with --fresh or another --cache folder.")
-    else:
-        answers = answer_greedily(models.target, models.tokenizer, [q["question"] for q in questions],
+    cached = {r["question"]: r for r in json.load(open(path))} if os.path.isfile(path) else {}
+    missing = [q for q in questions if q["question"] not in cached]
+    if missing:
+        answers = answer_greedily(models.target, models.tokenizer, [q["question"] for q in missing],
                                   max_new_tokens=scale.max_new_tokens[set_name], batch_size=scale.batch_size)
-        rows = []
-        for question, answer in zip(questions, answers):
+        for question, answer in zip(missing, answers):
             predicted = extract_answer(answer["text"])
-            rows.append(dict(question=question["question"], gold=question["answer"], task=question.get("task"),
-                             text=answer["text"], predicted=predicted, correct=answers_match(predicted, question["answer"]),
-                             prompt_ids=answer["prompt_ids"].tolist(), answer_ids=answer["answer_ids"].tolist(),
-                             seconds=answer["seconds"]))
+            cached[question["question"]] = dict(
+                question=question["question"], gold=question["answer"], task=question.get("task"),
+                text=answer["text"], predicted=predicted, correct=answers_match(predicted, question["answer"]),
+                prompt_ids=answer["prompt_ids"].tolist(), answer_ids=answer["answer_ids"].tolist(),
+                seconds=answer["seconds"])
+    rows = [cached[q["question"]] for q in questions]
+    if missing or len(cached) != len(rows):
         os.makedirs(folder, exist_ok=True)
         _write_json(path, rows)
     return [Answer(r, prompt_ids=torch.tensor(r["prompt_ids"]), answer_ids=torch.tensor(r["answer_ids"], dtype=torch.long))
             for r in rows]
+
+
+def _batch_key(batch: list[Answer]) -> np.ndarray:
+    """What a cached batch of scores belongs to: a digest of its questions and answer tokens."""
+    digest = hashlib.sha256(json.dumps([[a["question"], a["answer_ids"].tolist()] for a in batch]).encode())
+    return np.frombuffer(digest.digest()[:8], dtype=np.int64).copy()
 
 
 def _seeds(scale: Scale) -> dict[str, list[int]]:
@@ -123,12 +132,15 @@ def collect_scores(models: Models, answers: list[Answer], scale: Scale, folder: 
         batch = answers[start:start + scale.batch_size]
         path = os.path.join(folder, f"scores-{number:05d}.npz")
         stored = dict(np.load(path)) if os.path.isfile(path) else {}
+        lengths = np.cumsum([0] + [len(a["answer_ids"]) for a in batch])
+        key = _batch_key(batch)
+        if stored.pop(_KEY, key).tolist() != key.tolist() or any(len(v) != lengths[-1] for v in stored.values()):
+            stored = {}  # scores of other answers (the set grew or changed): score this batch again
         missing = [n for n in names + ([GROUND_TRUTH] if ground_truth else []) if n not in stored]
         if missing:  # a fresh batch, or estimators added since (e.g. a student): score only those
             stored.update(_score_batch(models, missing, batch, scale, perturbation))
-            np.savez(path + ".tmp.npz", **stored)
+            np.savez(path + ".tmp.npz", **stored, **{_KEY: key})
             os.replace(path + ".tmp.npz", path)
-        lengths = np.cumsum([0] + [len(a["answer_ids"]) for a in batch])
         for name, flat in stored.items():
             merged.setdefault(name, []).extend(flat[lengths[i]:lengths[i + 1]] for i in range(len(batch)))
     return merged

@@ -37,6 +37,9 @@ ARITH_TASKS = ("arith_add_mul", "arith_chain_sum", "arith_products")
 CALIB_ARITH_TASKS = ("arith_basic", "arith_chain_sum", "arith_products")
 GROUND_TRUTH_SEEDS_START = 0  # ground truth: perturbation seeds 0 … N-1
 TOKUR_SEEDS_START = 10_000  # TokUR: 10000 … 10007 (M = 4 uses the first four)
+# Evaluated arithmetic questions come in rounds of this many per task (the first `small` scale's size): a larger
+# count appends rounds, so the smaller run's list is a prefix and its cached answers and scores stay valid.
+ARITH_ROUND = 53
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,7 @@ SCALES = {
     "tiny": Scale("tiny", questions={"arith": 12, "gsm": 4, "calib": 9, "detect": 6}, max_new_tokens={
                   "arith": 8, "gsm": 12, "calib": 8, "detect": 8}, num_perturbed=4, batch_size=4, bootstrap=50,
                   cv_seeds=2, timing_answers=4),
-    "small": Scale("small", questions={"arith": 160, "gsm": 24, "calib": 48, "detect": 240}, max_new_tokens={
+    "small": Scale("small", questions={"arith": 300, "gsm": 100, "calib": 48, "detect": 300}, max_new_tokens={
                    "arith": 64, "gsm": 128, "calib": 64, "detect": 64}, timing_answers=8),
     "paper": Scale("paper", questions={"arith": 600, "gsm": 500, "calib": 200, "detect": 600}, max_new_tokens={
                    "arith": 96, "gsm": 320, "calib": 160, "detect": 96}, batch_size=16),
@@ -86,7 +89,7 @@ def build_questions(scale: Scale, exclude: set[str], gsm8k: str | None = None,
             seen |= set(exclude_from_evaluation)
             plan = ([("gsm_symbolic", count)] if name == "gsm"
                     else [(task, count // len(ARITH_TASKS)) for task in ARITH_TASKS])
-        chosen = []
+        per_task = []
         for task, n in plan:
             if task == "gsm_symbolic" and gsm8k and name == "gsm":
                 from trainers.questions import gsm8k_questions
@@ -94,10 +97,16 @@ def build_questions(scale: Scale, exclude: set[str], gsm8k: str | None = None,
                 pool = [dict(q, task="gsm8k") for q in gsm8k_questions(gsm8k, split="test", limit=4 * n + 8, seed=seed)]
             else:
                 pool = reasoning_gym_questions(task, 4 * n + 8, seed=seed)
-            fresh = [q for q in pool if q["question"] not in seen and not seen.add(q["question"])]
-            chosen += fresh[:n]
-        sets[name] = chosen
+            per_task.append([q for q in pool if q["question"] not in seen and not seen.add(q["question"])][:n])
+        sets[name] = _in_rounds(per_task, ARITH_ROUND if name == "arith" else None)
     return sets
+
+
+def _in_rounds(per_task: list[list[dict]], size: int | None) -> list[dict]:
+    """The tasks' questions in rounds of `size` per task (all of each task in turn when `size` is None)."""
+    longest = max((len(questions) for questions in per_task), default=0)
+    size = size or longest or 1
+    return [q for start in range(0, longest, size) for questions in per_task for q in questions[start:start + size]]
 
 
 @dataclass

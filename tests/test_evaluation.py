@@ -3,6 +3,7 @@ and the `tiny` scale end to end (results keys, plots, resuming from the cache)."
 
 import json
 import os
+import types
 
 import evaluate
 import numpy as np
@@ -107,3 +108,52 @@ def test_tiny_scale_end_to_end_and_resume(tmp_path, monkeypatch):
     key = lambda r: (r["name"], r["set"])  # noqa: E731
     before = {key(r): r["rmse"] for r in results["estimators"]}
     assert {key(r): r["rmse"] for r in again["estimators"]} == before
+
+
+def test_a_larger_arith_count_extends_the_question_list(monkeypatch):
+    from benchmarks import eval_setup
+
+    monkeypatch.setattr(eval_setup, "ARITH_ROUND", 2)
+    smaller = eval_setup.Scale("s", questions={"arith": 6, "gsm": 2}, max_new_tokens={})
+    larger = eval_setup.Scale("l", questions={"arith": 12, "gsm": 5}, max_new_tokens={})
+    first, second = eval_setup.build_questions(smaller, set()), eval_setup.build_questions(larger, set())
+    for name in ("arith", "gsm"):
+        texts = [q["question"] for q in second[name]]
+        assert [q["question"] for q in first[name]] == texts[:len(first[name])] and len(set(texts)) == len(texts)
+    assert [q["task"] for q in second["arith"]] == [t for t in eval_setup.ARITH_TASKS for _ in range(2)] * 2
+
+
+def test_a_grown_set_keeps_cached_answers_and_rescores_only_changed_batches(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks import eval_scoring
+    from benchmarks.eval_setup import Scale
+
+    def fake_answers(target, tokenizer, questions, **kwargs):
+        fake_answers.asked += list(questions)
+        return [dict(text=f"= {len(q)}", prompt_ids=torch.tensor([1, 2]), answer_ids=torch.tensor([3] * (1 + len(q) % 3)),
+                     seconds=0.1) for q in questions]
+
+    def fake_scores(models, names, batch, scale, perturbation):
+        fake_scores.batches.append([a["question"] for a in batch])
+        total = sum(len(a["answer_ids"]) for a in batch)
+        return {name: np.full(total, float(len(fake_scores.batches))) for name in names + ["ground_truth"]}
+
+    fake_answers.asked, fake_scores.batches = [], []
+    monkeypatch.setattr(eval_scoring, "answer_greedily", fake_answers)
+    monkeypatch.setattr(eval_scoring, "_score_batch", fake_scores)
+    monkeypatch.setattr(eval_scoring, "LowRankGaussianPerturbation", lambda *a, **k: None)
+    scale = Scale("t", questions={}, max_new_tokens={"arith": 4}, batch_size=2)
+    questions = [{"question": f"q{i}" + "x" * i, "answer": "1"} for i in range(5)]
+    models = types.SimpleNamespace(target=None, tokenizer=None)
+    answers = eval_scoring.collect_answers(models, questions[:3], scale, "arith", str(tmp_path))
+    first = eval_scoring.collect_scores(models, answers, scale, str(tmp_path), ["entropy"])
+    assert fake_scores.batches == [["q0", "q1x"], ["q2xx"]]
+    answers = eval_scoring.collect_answers(models, questions, scale, "arith", str(tmp_path))
+    assert fake_answers.asked == ["q0", "q1x", "q2xx", "q3xxx", "q4xxxx"]  # only the new questions were answered
+    second = eval_scoring.collect_scores(models, answers, scale, str(tmp_path), ["entropy"])
+    assert fake_scores.batches[2:] == [["q2xx", "q3xxx"], ["q4xxxx"]]  # the half batch grew: scored again
+    assert [v.tolist() for v in second["entropy"][:2]] == [v.tolist() for v in first["entropy"][:2]]
+    assert len(second["entropy"]) == 5 and all(len(v) == len(a["answer_ids"]) for v, a in zip(second["entropy"], answers))
+    eval_scoring.collect_scores(models, answers, scale, str(tmp_path), ["entropy"])
+    assert len(fake_scores.batches) == 4  # everything cached now
