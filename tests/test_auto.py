@@ -157,6 +157,12 @@ def test_uncertainty_pipeline_from_a_composite_folder(composite, tokenizer):
     assert type(pipe.model) is UncertaintyAwareModelForCausalLM
     [record] = pipe(PROMPT, max_new_tokens=3, do_sample=False)
     assert len(record["epistemic_uncertainty"]) == len(record["tokens"]) >= 1
+    loaded = UncertaintyAwareModelForCausalLM.from_pretrained(composite)  # the same values as the loaded composite
+    prompt_ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    out = loaded.generate(prompt_ids, max_new_tokens=3, do_sample=False, return_dict_in_generate=True)
+    new_ids = out.sequences[0, prompt_ids.shape[1]:]
+    assert "".join(record["tokens"]).strip() == tokenizer.decode(new_ids).strip() and len(record["tokens"]) == len(new_ids)
+    assert_close(torch.tensor(record["epistemic_uncertainty"]), out.epistemic_uncertainty[0, : len(new_ids)].float())
 
 
 def test_uncertainty_pipeline_needs_the_wrapper(tokenizer):

@@ -213,8 +213,21 @@ def test_push_to_hub_uploads_the_saved_folder(saved, monkeypatch):
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", fake_create_repo)
     monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", fake_upload_folder)
     assert model.push_to_hub("me/my-eu") == "https://example/commit"
-    assert uploaded["repo"] == "me/my-eu" and "config.json" in uploaded["files"]
-    assert "model.safetensors" not in uploaded["files"] and 'from_pretrained("me/my-eu")' in uploaded["card"]
+    reference = saved_files(model)
+    assert uploaded["repo"] == "me/my-eu" and uploaded["files"] == reference  # exactly what save_pretrained writes
+    assert "config.json" in uploaded["files"] and "README.md" in uploaded["files"]
+    assert not [f for f in uploaded["files"] if f.startswith("target") or f == "model.safetensors"]  # never the target
+    assert 'from_pretrained("me/my-eu")' in uploaded["card"]
+
+
+def saved_files(model) -> list[str]:
+    """The files `save_pretrained` writes for `model`, relative to the folder."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save_pretrained(os.path.join(folder, "c"))
+        root = os.path.join(folder, "c")
+        return sorted(os.path.relpath(os.path.join(d, f), root) for d, _, fs in os.walk(root) for f in fs)
 
 
 def test_config_validates_its_fields():
