@@ -8,8 +8,8 @@
 
 Without `--model`, `generate` and `score` use the shipped SmolLM2-135M-Instruct composite
 (`hf_eu.load_default()`). Errors in the input (a missing file, a malformed line, …) print one line
-naming the value and the fix, and exit with status 1. `train` imports the `trainers` package only
-when asked.
+naming the value and the fix, and exit with status 1. `train` imports the `hf_eu.trainers` package (the
+repository's `trainers/` folder) only when asked.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ from .viz import eu_colors, readable_ink, token_strings
 __all__ = ["main", "build_parser"]
 
 _TRAINERS = {
-    "ddd": ("trainers.run_ddd", "train one Data-Diverse Draft on its partition of the target's responses"),
-    "osd": ("trainers.run_osd", "train the OSD proxy against a freshly perturbed target"),
-    "defaults": ("trainers.train_defaults", "rebuild the shipped default composite (hf_eu/defaults), resumable"),
+    "ddd": ("hf_eu.trainers.run_ddd", "train one Data-Diverse Draft on its partition of the target's responses"),
+    "osd": ("hf_eu.trainers.run_osd", "train the OSD proxy against a freshly perturbed target"),
+    "defaults": ("hf_eu.trainers.train_defaults", "rebuild the shipped default composite (hf_eu/defaults), resumable"),
 }
 
 
@@ -129,7 +129,7 @@ def _add_score_command(commands) -> None:
 
 def _add_train_command(commands) -> None:
     train = commands.add_parser(
-        "train", formatter_class=_HelpFormatter, help="run a training script of the `trainers` package",
+        "train", formatter_class=_HelpFormatter, help="run a training script of the `hf_eu.trainers` package",
         description="Run one of the training scripts with the remaining arguments passed through unchanged:\n" +
                     "\n".join(f"  {name:9s} {module}: {about}" for name, (module, about) in _TRAINERS.items()) +
                     "\n\n" + _paragraphs("Each script's own options: hf-eu train METHOD --help. Several processes: "
@@ -290,11 +290,11 @@ def _train(args: argparse.Namespace) -> None:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        if error.name not in ("trainers", module_name):
+        if error.name not in ("hf_eu.trainers", module_name):
             raise  # a dependency of the trainers is missing: its own message says which
-        raise ValueError(f"`hf-eu train {args.method}` runs {module_name}, but the `trainers` package is not "
-                         "importable here; install hf_eu from its source tree (`pip install -e .` in the "
-                         "repository) or run from the repository root.") from error
+        raise ValueError(f"`hf-eu train {args.method}` runs {module_name}, but the `hf_eu.trainers` package is not "
+                         "importable here; install hf_eu (`pip install -e .` in a clone of the repository), or "
+                         f"from the repository root run `python -m {module_name.removeprefix('hf_eu.')}`.") from error
     module.main(args.args)
 
 

@@ -207,25 +207,26 @@ def test_generate_model_errors(tmp_path, composite, capsys):
 
 # ------------------------------------------------------------------------------------------ train, help
 def test_train_passes_arguments_through(monkeypatch):
-    import trainers.run_osd
+    import hf_eu.trainers.run_osd  # the installed name of trainers/ (pyproject.toml's package-dir)
 
     seen = []
-    monkeypatch.setattr(trainers.run_osd, "main", seen.append)
+    monkeypatch.setattr(hf_eu.trainers.run_osd, "main", seen.append)
     assert main(["train", "osd", "--dataset_path", "d", "--max_steps", "2"]) == 0
     assert seen == [["--dataset_path", "d", "--max_steps", "2"]]
 
 
 def test_train_without_trainers_package_says_how_to_get_it(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "trainers.run_ddd", None)  # import now fails as if it were absent
+    monkeypatch.setitem(sys.modules, "hf_eu.trainers.run_ddd", None)  # import now fails as if it were absent
     assert main(["train", "ddd"]) == 1
-    assert "the `trainers` package is not importable" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "the `hf_eu.trainers` package is not importable" in err and "python -m trainers.run_ddd" in err
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
     ([], ["generate", "score", "train", "accelerate launch"]),
     (["generate"], ["--model", "--json", "--html", "--png", "--max-new-tokens", "--no-chat-template", "--seed"]),
     (["score"], ["--out", "--prompt-field", "--answer-field", "--batch-size", "--overwrite", "Resumable", "--cpu"]),
-    (["train"], ["ddd", "osd", "defaults", "trainers.run_ddd"]),
+    (["train"], ["ddd", "osd", "defaults", "hf_eu.trainers.run_ddd"]),
     (["train", "ddd"], ["--partition_index", "--num_prompt_groups"]),  # the script's own help
 ])
 def test_help_is_complete(capsys, argv, expected):

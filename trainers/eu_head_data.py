@@ -90,7 +90,7 @@ def _excluded(paths: list[str]) -> set[str]:
 
 def build_questions(args: EUHeadDataArguments) -> list[dict]:
     """The questions of `args`: each preset's count, no text repeated or in `exclude_questions`."""
-    from trainers.questions import reasoning_gym_questions
+    from .questions import reasoning_gym_questions
 
     seen = _excluded(args.exclude_questions)
     chosen = []
@@ -129,7 +129,7 @@ def _check_settings(args: EUHeadDataArguments, fingerprint: str) -> None:
 
 
 def _answers(args, target, tokenizer, questions) -> list[dict]:
-    from trainers.calibration import answer_greedily
+    from .calibration import answer_greedily
 
     path = os.path.join(args.output_dir, "answers.json")
     if os.path.isfile(path):
@@ -145,7 +145,7 @@ def _answers(args, target, tokenizer, questions) -> list[dict]:
 
 
 def _batch(rows: list[dict], pad_id: int):
-    from trainers.calibration import Answer, _answer_batch
+    from .calibration import Answer, _answer_batch
 
     answers = [Answer(prompt_ids=torch.tensor(r["prompt_ids"]), answer_ids=torch.tensor(r["answer_ids"], dtype=torch.long))
                for r in rows]
@@ -178,7 +178,7 @@ def _features(target, batch_rows, pad_id) -> dict[str, np.ndarray]:
 def build_data(args: EUHeadDataArguments) -> str:
     """Run the stages of the module docstring; returns `args.output_dir`."""
     from hf_eu.perturbation import LowRankGaussianPerturbation
-    from trainers.script_utils import load_target
+    from .script_utils import load_target
     from transformers import AutoTokenizer
 
     target = load_target(args.target)

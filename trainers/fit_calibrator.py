@@ -27,8 +27,8 @@ from hf_eu.defaults import DEFAULT_COMPOSITE_DIR
 from hf_eu.embedded import load_embedded_target
 from hf_eu.estimators import perturbed_ensemble_estimator
 from hf_eu.perturbation import LowRankGaussianPerturbation
-from trainers.calibration import answer_greedily, calibration_features, fit_calibrator, token_values
-from trainers.questions import reasoning_gym_questions, training_seed
+from .calibration import answer_greedily, calibration_features, fit_calibrator, token_values
+from .questions import reasoning_gym_questions, training_seed
 
 CALIBRATION_SEED = training_seed(500)
 ARITH_TASKS = ("arith_basic", "arith_chain_sum", "arith_products")

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from transformers import HfArgumentParser
 
-from trainers.ddd_config import DDDConfig
-from trainers.ddd_trainer import DDDTrainer
-from trainers.partition import partition_dataset
-from trainers.script_utils import ScriptArguments, build_student, load_rows, load_target, train_and_save
+from .ddd_config import DDDConfig
+from .ddd_trainer import DDDTrainer
+from .partition import partition_dataset
+from .script_utils import ScriptArguments, build_student, load_rows, load_target, train_and_save
 
 
 def main(argv: list[str] | None = None) -> DDDTrainer:

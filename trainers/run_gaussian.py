@@ -23,9 +23,9 @@ from transformers import HfArgumentParser
 from hf_eu import UncertaintyAwareModelForCausalLM, truncated_copy
 from hf_eu.defaults import DEFAULT_COMPOSITE_DIR
 from hf_eu.gaussian import GaussianStudentForCausalLM
-from trainers.gaussian_config import GaussianDistillationConfig
-from trainers.gaussian_trainer import GaussianDistillationTrainer
-from trainers.script_utils import load_rows, load_target
+from .gaussian_config import GaussianDistillationConfig
+from .gaussian_trainer import GaussianDistillationTrainer
+from .script_utils import load_rows, load_target
 
 TEACHERS = ("perturbation", "drafts")
 

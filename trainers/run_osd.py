@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from transformers import HfArgumentParser
 
-from trainers.osd_config import OSDConfig
-from trainers.osd_trainer import OSDTrainer
-from trainers.script_utils import ScriptArguments, build_student, load_rows, load_target, train_and_save
+from .osd_config import OSDConfig
+from .osd_trainer import OSDTrainer
+from .script_utils import ScriptArguments, build_student, load_rows, load_target, train_and_save
 
 
 def main(argv: list[str] | None = None) -> OSDTrainer:

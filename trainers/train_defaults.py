@@ -38,14 +38,14 @@ from transformers import HfArgumentParser
 
 from hf_eu import UncertaintyAwareConfig, UncertaintyAwareModelForCausalLM, truncated_copy
 from hf_eu.embedded import EMBEDDED_MODEL_ID, load_embedded_target
-from trainers.data import generate_responses
-from trainers.ddd_config import DDDConfig
-from trainers.ddd_trainer import DDDTrainer
-from trainers.osd_config import OSDConfig
-from trainers.osd_trainer import OSDTrainer
-from trainers.partition import parse_scheme, partition_dataset
-from trainers.questions import gsm8k_questions, reasoning_gym_questions, training_seed
-from trainers.script_utils import DEFAULT_LORA_MODULES
+from .data import generate_responses
+from .ddd_config import DDDConfig
+from .ddd_trainer import DDDTrainer
+from .osd_config import OSDConfig
+from .osd_trainer import OSDTrainer
+from .partition import parse_scheme, partition_dataset
+from .questions import gsm8k_questions, reasoning_gym_questions, training_seed
+from .script_utils import DEFAULT_LORA_MODULES
 
 
 @dataclass
@@ -170,9 +170,9 @@ def _rounded(loss: float | None) -> float | None:
 
 def _eu_head(target, args: DefaultsArguments, log: dict):
     """Stage 6: the EU head's data and training (see the module docstring); None when skipped."""
-    from trainers.eu_head_config import EUHeadConfig
-    from trainers.eu_head_data import EUHeadDataArguments, build_data
-    from trainers.run_eu_head import EUHeadScriptArguments, train_eu_head
+    from .eu_head_config import EUHeadConfig
+    from .eu_head_data import EUHeadDataArguments, build_data
+    from .run_eu_head import EUHeadScriptArguments, train_eu_head
 
     if not args.eu_head_questions:
         return None
