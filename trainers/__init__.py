@@ -10,31 +10,39 @@ line scripts (`run_ddd`, `run_osd`, `run_gaussian`, `run_eu_head`, `eu_head_data
 `train_defaults`) are modules to run, not imported here, except `eu_head_data`'s data tools.
 """
 
-from .answer_risk import CONFIDENCE_FEATURES, fit_answer_risk
-from .calibration import Answer, answer_greedily, calibration_features, fit_calibrator, token_values
-from .collator import DistillationCollator
-from .data import SETTINGS_FILE, generate_responses
-from .ddd_config import DDDConfig
-from .ddd_trainer import DDDTrainer
-from .distillation import DistillationTrainer, shifted_positions
-from .eu_head_config import EUHeadConfig
-from .eu_head_data import EUHeadDataArguments, build_data, build_questions, load_data
-from .eu_head_trainer import EUHeadTrainer, batch_features, eu_head_dataset, set_input_statistics
-from .factor_em import (
-    INITS, NOISE_MODELS, FactorEM, FactorMoments, FactorStatistics, expected_nll, fit_factor_model,
-)
-from .gaussian_config import GaussianDistillationConfig
-from .gaussian_design import (
-    TeacherEnsemble, check_shared_head, collect_design_points, collect_hidden_states, rows_fingerprint,
-)
-from .gaussian_trainer import GaussianDistillationTrainer
-from .osd_config import OSDConfig
-from .osd_trainer import OSDTrainer
-from .partition import parse_scheme, partition_dataset, partition_scheme, select_partition
-from .questions import (
-    REASONING_GYM_PRESETS, TRAIN_SEED_OFFSET, gsm8k_questions, reasoning_gym_questions, training_seed,
-)
-from .script_utils import ScriptArguments, build_student, load_rows, load_target, train_and_save
+import importlib
+
+_EXPORTS = {  # name -> module: imported on first use, so `python -m trainers.X` and `import trainers.questions`
+    # load only what they need (and no module runs twice under runpy)
+    "CONFIDENCE_FEATURES": "answer_risk", "fit_answer_risk": "answer_risk",
+    "Answer": "calibration", "answer_greedily": "calibration", "calibration_features": "calibration",
+    "fit_calibrator": "calibration", "token_values": "calibration",
+    "DistillationCollator": "collator",
+    "SETTINGS_FILE": "data", "generate_responses": "data",
+    "DDDConfig": "ddd_config",
+    "DDDTrainer": "ddd_trainer",
+    "DistillationTrainer": "distillation", "shifted_positions": "distillation",
+    "EUHeadConfig": "eu_head_config",
+    "EUHeadDataArguments": "eu_head_data", "build_data": "eu_head_data", "build_questions": "eu_head_data",
+    "load_data": "eu_head_data",
+    "EUHeadTrainer": "eu_head_trainer", "batch_features": "eu_head_trainer", "eu_head_dataset": "eu_head_trainer",
+    "set_input_statistics": "eu_head_trainer",
+    "INITS": "factor_em", "NOISE_MODELS": "factor_em", "FactorEM": "factor_em", "FactorMoments": "factor_em",
+    "FactorStatistics": "factor_em", "expected_nll": "factor_em", "fit_factor_model": "factor_em",
+    "GaussianDistillationConfig": "gaussian_config",
+    "TeacherEnsemble": "gaussian_design", "check_shared_head": "gaussian_design",
+    "collect_design_points": "gaussian_design", "collect_hidden_states": "gaussian_design",
+    "rows_fingerprint": "gaussian_design",
+    "GaussianDistillationTrainer": "gaussian_trainer",
+    "OSDConfig": "osd_config",
+    "OSDTrainer": "osd_trainer",
+    "parse_scheme": "partition", "partition_dataset": "partition", "partition_scheme": "partition",
+    "select_partition": "partition",
+    "REASONING_GYM_PRESETS": "questions", "TRAIN_SEED_OFFSET": "questions", "gsm8k_questions": "questions",
+    "reasoning_gym_questions": "questions", "training_seed": "questions",
+    "ScriptArguments": "script_utils", "build_student": "script_utils", "load_rows": "script_utils",
+    "load_target": "script_utils", "train_and_save": "script_utils",
+}
 
 __all__ = [
     # trainers and their configs
@@ -56,3 +64,15 @@ __all__ = [
     # what the command line scripts share
     "ScriptArguments", "load_rows", "load_target", "build_student", "train_and_save",
 ]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_EXPORTS))
