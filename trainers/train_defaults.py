@@ -15,7 +15,8 @@ Stages, each skipped on a rerun once finished (an interrupted trainer resumes fr
 5. OSD: the proxy, a LoRA adapter on all of the target's layers (so it starts at the target, which is
    already close to the BMA; a 4-layer proxy measured 2.4 nats from the BMA against the target's 0.15),
    trained on forward KL to a freshly perturbed target;
-6. EU head: the target's greedy answers to their own training questions, their 16-copy ground-truth EU
+6. EU head: the target's greedy answers to their own training questions (two folders: reasoning-gym seeds 2000
+   and 2100, the second without the first's texts), their 16-copy ground-truth EU
    (perturbation seeds 20000+, apart from the evaluation's) and features (`trainers.eu_head_data`), then
    `EUHeadTrainer` (`trainers.run_eu_head`); it becomes the composite's default estimator `eu_head`;
 7. the composite is saved to `hf_eu/defaults/smollm2-135m-instruct/` (adapters only: the base is
@@ -80,6 +81,11 @@ class DefaultsArguments:
     eu_head_questions: str = field(default="gsm_symbolic=72,arith_chain_sum=60,arith_products=60,arith_basic=60,"
                                            "arith_add_mul=30",
                                    metadata={"help": "EU-head training questions, preset=count,... ('' skips the stage)."})
+    eu_head_more_questions: str = field(default="gsm_symbolic=80,arith_chain_sum=50,arith_products=50,arith_basic=50,"
+                                                "arith_add_mul=30",
+                                        metadata={"help": "A second set of EU-head questions from `eu_head_more_seed` "
+                                                          "(none of the first set's), preset=count,... ('' skips it)."})
+    eu_head_more_seed: int = field(default=2100, metadata={"help": "reasoning-gym seed of the second set."})
     eu_head_exclude: list[str] = field(default_factory=lambda: ["benchmarks/results/small/questions.json"],
                                        metadata={"help": "Question files the EU head must not train on (the evaluation's)."})
     eu_head_num_perturbed: int = field(default=16, metadata={"help": "Perturbed copies of the head's ground truth."})
@@ -178,10 +184,13 @@ def _eu_head(target, args: DefaultsArguments, log: dict):
         return None
     data_dir, output_dir = os.path.join(args.work_dir, "eu-head-data"), os.path.join(args.work_dir, "eu-head")
     exclude = [path for path in args.eu_head_exclude if os.path.isfile(path)]
-    data_args = EUHeadDataArguments(output_dir=data_dir, exclude_questions=exclude, batch_size=args.batch_size,
-                                    questions_per_task=args.eu_head_questions, num_perturbed=args.eu_head_num_perturbed,
-                                    max_new_tokens=args.eu_head_max_new_tokens, rank=args.perturbation_rank,
-                                    sigma=args.perturbation_sigma)
+    common = dict(exclude_questions=exclude, batch_size=args.batch_size, num_perturbed=args.eu_head_num_perturbed,
+                  max_new_tokens=args.eu_head_max_new_tokens, rank=args.perturbation_rank, sigma=args.perturbation_sigma)
+    data_args = [EUHeadDataArguments(output_dir=data_dir, questions_per_task=args.eu_head_questions, **common)]
+    if args.eu_head_more_questions:  # a second folder: other seed, none of the first folder's questions
+        more = dict(common, exclude_questions=exclude + [os.path.join(data_dir, "questions.json")])
+        data_args.append(EUHeadDataArguments(output_dir=data_dir + "-2", questions_per_task=args.eu_head_more_questions,
+                                             question_seed=args.eu_head_more_seed, **more))
     config = EUHeadConfig(output_dir=output_dir, num_train_epochs=args.eu_head_epochs, per_device_train_batch_size=256,
                           learning_rate=3e-3, seed=args.seed, report_to=[], save_strategy="no", logging_steps=50,
                           disable_tqdm=True, use_cpu=True)
@@ -189,9 +198,10 @@ def _eu_head(target, args: DefaultsArguments, log: dict):
 
     def run():
         began = time.perf_counter()
-        build_data(data_args)
+        for folder_args in data_args:
+            build_data(folder_args)
         data_seconds = time.perf_counter() - began
-        heads["head"] = train_eu_head(EUHeadScriptArguments(data_dir=[data_dir]), config)
+        heads["head"] = train_eu_head(EUHeadScriptArguments(data_dir=[a.output_dir for a in data_args]), config)
         return {"data_seconds": round(data_seconds, 1), "tokens": heads["head"].info["tokens"]}
 
     log["eu_head"] = _stage(output_dir, run)
@@ -199,7 +209,7 @@ def _eu_head(target, args: DefaultsArguments, log: dict):
         from hf_eu.eu_head import EU_HEAD_FOLDER, EUHead
 
         heads["head"] = EUHead.load(os.path.join(output_dir, EU_HEAD_FOLDER))
-    return heads["head"], json.load(open(os.path.join(data_dir, "questions.json")))
+    return heads["head"], [q for a in data_args for q in json.load(open(os.path.join(a.output_dir, "questions.json")))]
 
 
 def _kept_parts(output_dir: str, target) -> dict:
