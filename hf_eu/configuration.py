@@ -16,6 +16,7 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
+from ._validation import check_chunk_size
 from ._version import __version__
 
 __all__ = ["UncertaintyAwareConfig", "load_composite_config", "CONFIG_NAME"]
@@ -71,8 +72,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
     ):
         if not isinstance(num_drafts, int) or num_drafts < 1:
             raise ValueError(f"`num_drafts` must be an integer ≥ 1, got {num_drafts!r}: pass at least one draft model.")
-        if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
-            raise ValueError(f"`chunk_size` must be None or an integer ≥ 1, got {chunk_size!r}.")
+        check_chunk_size(chunk_size)
         self.target_name_or_path = target_name_or_path
         self.target_revision = target_revision
         self.num_drafts = num_drafts

@@ -31,13 +31,22 @@ def _floored(logps: torch.Tensor) -> torch.Tensor:
 def _expected_log_ratio(p_logps: torch.Tensor, q_logps: torch.Tensor) -> torch.Tensor:
     """Σ_v p(v) (log p(v) − log q(v)) over the last dimension, with 0 · log 0 = 0.
 
-    The fast path reads each input once; only when it yields NaN (a −inf log-prob) is the sum
-    recomputed on floored log-probabilities.
+    The fast path reads each input once; only when it yields a non-finite value (a −inf log-prob) is the
+    sum recomputed on floored log-probabilities, which makes it finite wherever the inputs have no NaN.
+    When one input is broadcast along the first of several leading dimensions (K ensemble members
+    against one shared distribution, as in `jsd`), the members are taken one at a time, so temporaries
+    stay the size of one member's `(N, vocab_size)` whatever K.
     """
+    shape = torch.broadcast_shapes(p_logps.shape, q_logps.shape)
+    if len(shape) > 2 and shape[0] > 1 and tuple(p_logps.shape) != tuple(q_logps.shape):
+        p_logps, q_logps = p_logps.expand(shape), q_logps.expand(shape)
+        return torch.stack([_expected_log_ratio(p_logps[k], q_logps[k]) for k in range(shape[0])])
     p_probs = p_logps.exp()
     result = torch.linalg.vecdot(p_probs, p_logps - q_logps)
-    if torch.isnan(result).any():
-        result = torch.linalg.vecdot(p_probs, _floored(p_logps) - _floored(q_logps))
+    if not torch.isfinite(result).all():
+        floored = _floored(p_logps)
+        floored = floored.sub_(_floored(q_logps)) if floored.shape == shape else floored - _floored(q_logps)
+        result = torch.linalg.vecdot(p_probs, floored)
     return result
 
 
@@ -81,7 +90,11 @@ def mixture_logps(member_logps: torch.Tensor, dim: int = 0) -> torch.Tensor:
     Returns:
         Tensor with `dim` removed, e.g. `(N, vocab_size)`.
     """
-    return member_logps.exp().mean(dim).log()
+    members = member_logps.unbind(dim)
+    probs = members[0].exp()  # summed one member at a time: temporaries of one member's size
+    for member in members[1:]:
+        probs.add_(member.exp())
+    return probs.div_(len(members)).log_()
 
 
 def jsd(member_logps: torch.Tensor, dim: int = 0, mixture: torch.Tensor | None = None) -> torch.Tensor:
@@ -128,5 +141,8 @@ def gaussian_mutual_information(logps: torch.Tensor, factor_logits: torch.Tensor
         Tensor of shape `(...)`, in nats, ≥ 0.
     """
     probs = logps.exp()
-    centered = factor_logits - (probs * factor_logits).sum(-1, keepdim=True)  # (q, ..., V)
-    return 0.5 * torch.linalg.vecdot(probs, centered.square()).sum(0)
+    total = torch.zeros_like(probs[..., 0])
+    for factor in factor_logits:  # one factor at a time: temporaries of one `(..., V)` each
+        centered = factor - torch.linalg.vecdot(probs, factor).unsqueeze(-1)  # (..., V)
+        total += torch.linalg.vecdot(probs, centered.square_())
+    return 0.5 * total

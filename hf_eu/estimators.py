@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .divergences import entropy, gaussian_mutual_information, jsd, kl, mixture_logps
+from .divergences import _LOG_FLOOR, entropy, gaussian_mutual_information, jsd, kl, mixture_logps
 from .gaussian import member_outputs, standard_normal_factors
 
 __all__ = [
@@ -72,6 +72,9 @@ class Estimator:
 
     `num_perturbed` is the number M of perturbed target passes an estimator reading ``"perturbed"``
     needs; `max_drafts` limits how many of the composite's drafts are run (None: all of them).
+    `working_copies` is how many float32 `(N, vocab_size)` temporaries the function holds at once beyond
+    its inputs (the automatic chunk size of `scoring.py` budgets for them): 4 for the divergences of
+    `divergences.py` (a mixture, then per member its probabilities, a difference and a floored copy).
     """
 
     name: str
@@ -80,6 +83,7 @@ class Estimator:
     description: str
     num_perturbed: int = 0
     max_drafts: int | None = None
+    working_copies: int = 4
 
     def __call__(self, **given) -> EstimatorOutput:
         """Call the function with the arguments of the declared inputs (extra keyword arguments are ignored)."""
@@ -101,12 +105,14 @@ _REGISTRY: dict[str, Estimator] = {}
 
 
 def register_estimator(name: str, *, inputs: set[str], description: str, num_perturbed: int = 0,
-                       max_drafts: int | None = None) -> Callable:
+                       max_drafts: int | None = None, working_copies: int = 4) -> Callable:
     """Decorator registering `fn(**inputs) -> EstimatorOutput` under `name`.
 
     Argument names of `fn` follow the declared inputs (see the module docstring): `draft_logps`,
     `reference_logps`, `target_logps`, `token_ids`, `perturbed_logps`, `student_logits` +
     `student_factor_logits`, `calibrator`. An entry reading ``"perturbed"`` must set `num_perturbed` ≥ 1.
+    `working_copies`: see `Estimator` (keep the default of 4 unless the function holds more vocabulary-sized
+    temporaries at once, or fewer).
     """
     unknown = set(inputs) - ESTIMATOR_INPUTS
     if unknown:
@@ -121,7 +127,7 @@ def register_estimator(name: str, *, inputs: set[str], description: str, num_per
         if name in _REGISTRY:
             raise ValueError(f"An estimator named '{name}' is already registered; pick another name.")
         _REGISTRY[name] = Estimator(name=name, fn=fn, inputs=frozenset(inputs), description=description,
-                                    num_perturbed=num_perturbed, max_drafts=max_drafts)
+                                    num_perturbed=num_perturbed, max_drafts=max_drafts, working_copies=working_copies)
         return fn
 
     return decorator
@@ -179,7 +185,8 @@ def hf_eu_variance_only(draft_logps: torch.Tensor) -> EstimatorOutput:
     return EstimatorOutput(score=variance, variance=variance, bias=torch.zeros_like(variance))
 
 
-@register_estimator("entropy", inputs={"target"}, description="Predictive entropy of the target (total uncertainty).")
+@register_estimator("entropy", inputs={"target"}, description="Predictive entropy of the target (total uncertainty).",
+                    working_copies=3)
 def target_entropy(target_logps: torch.Tensor) -> EstimatorOutput:
     """H(p_T) at each position."""
     return EstimatorOutput(score=entropy(target_logps))
@@ -189,13 +196,15 @@ def target_entropy(target_logps: torch.Tensor) -> EstimatorOutput:
     "proxy_entropy",
     inputs={"reference"},
     description="Predictive entropy of the proxy (≈ the BMA's total uncertainty); the target's without a proxy.",
+    working_copies=3,
 )
 def proxy_entropy(reference_logps: torch.Tensor) -> EstimatorOutput:
     """H(p_φ) at each position."""
     return EstimatorOutput(score=entropy(reference_logps))
 
 
-@register_estimator("max_prob", inputs={"target"}, description="1 − the target's largest token probability.")
+@register_estimator("max_prob", inputs={"target"}, description="1 − the target's largest token probability.",
+                    working_copies=0)
 def max_prob(target_logps: torch.Tensor) -> EstimatorOutput:
     """1 − max_v p_T(v) at each position."""
     return EstimatorOutput(score=1.0 - target_logps.max(-1).values.exp())
@@ -205,10 +214,11 @@ def max_prob(target_logps: torch.Tensor) -> EstimatorOutput:
     "neg_logprob",
     inputs={"target", "token_ids"},
     description="Negative log-probability the target gives the token actually there.",
+    working_copies=0,
 )
 def neg_logprob(target_logps: torch.Tensor, token_ids: torch.Tensor) -> EstimatorOutput:
-    """−log p_T(x_t) for the observed token x_t."""
-    return EstimatorOutput(score=-target_logps.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1))
+    """−log p_T(x_t) for the observed token x_t, capped at 1e4 nats where p_T(x_t) = 0 (as `divergences.kl`)."""
+    return EstimatorOutput(score=-target_logps.gather(-1, token_ids.unsqueeze(-1)).squeeze(-1).clamp_min(_LOG_FLOOR))
 
 
 @register_estimator(
@@ -300,6 +310,7 @@ _SAMPLED_MAX_ELEMENTS = 2**25
     inputs={"student"},
     description=f"Gaussian-distilled student (seed 002): JSD of {GAUSSIAN_DISTILL_SAMPLES} members sampled from its "
                 "latent factors (fixed seed), from one student pass.",
+    working_copies=2 * GAUSSIAN_DISTILL_SAMPLES + 4,  # the members' logits and log-probs, then the JSD's
 )
 def gaussian_distill_sampled(student_logits: torch.Tensor, student_factor_logits: torch.Tensor) -> EstimatorOutput:
     """MI of S members with logits ℓ + Σ_j z_sj a_j, z_s ~ N(0, I_q) drawn once with a fixed seed: their JSD."""
@@ -321,6 +332,7 @@ def gaussian_distill_sampled(student_logits: torch.Tensor, student_factor_logits
     description="Distilled EU head: a small network trained on the 16-copy ground truth, reading the target's "
                 "own features (input norms of the perturbed layers, output statistics, Fisher variances of "
                 "learned logit directions) from the passes generate already runs.",
+    working_copies=0,
 )
 def eu_head(target_features, eu_head) -> EstimatorOutput:
     """EUHead(features) ≥ 0 in nats (`hf_eu.eu_head`); no draft, proxy or extra target pass."""

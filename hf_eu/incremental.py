@@ -34,9 +34,10 @@ import torch
 from torch import nn
 
 from ._cache import cache_argument, output_cache
+from ._validation import check_finite_scores, check_token_inputs, context_length, warn_beyond_context
 from .eu_features import TargetFeatureRecorder
 from .estimators import Estimator, EstimatorOutput, get_estimator
-from .scoring import _check_eu_head, _chunk_arguments, _select_models
+from .scoring import _check_eu_head, _chunk_arguments, _part_names, _select_models
 
 __all__ = ["IncrementalScorer"]
 
@@ -125,6 +126,10 @@ class IncrementalScorer:
         _check_eu_head(self.estimator, eu_head)
         self.eu_head = eu_head
         self.target = target
+        self._names = _part_names({self.estimator.name: self.roles}, list(drafts or []), proxy)  # key -> "draft 0", …
+        self._models_by_name = {self._names[key]: model for members in self.roles.values() for key, model, _ in members}
+        limits = [limit for limit in map(context_length, self._models_by_name.values()) if limit is not None]
+        self._context = min(limits) if limits else None  # the shortest context of the models run
         self._recorder = None  # hooks on the target while started, for estimators reading its features
         self._models: dict[Any, _CachedModel] = {}
         self._attention_mask: torch.Tensor | None = None  # (B, L) of everything fed so far
@@ -150,13 +155,9 @@ class IncrementalScorer:
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Prefill the prompt `input_ids` `(batch_size, prompt_len)` (left padding marked 0 in `attention_mask`)."""
-        if input_ids.dim() != 2 or input_ids.shape[1] < 1:
-            raise ValueError(f"`input_ids` must have shape (batch_size, prompt_len ≥ 1), got {tuple(input_ids.shape)}.")
+        check_token_inputs(input_ids, attention_mask, vocab_size=None)  # the shared rules of `_validation.py`
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` has shape {tuple(attention_mask.shape)} but `input_ids` has "
-                             f"{tuple(input_ids.shape)}; pass the prompt's own mask.")
         attention_mask = attention_mask.long().cpu()
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (B, P), as generate builds them
         # One cache per distinct (model, perturbation seed): the target may serve as reference and as target.
@@ -191,12 +192,24 @@ class IncrementalScorer:
         with torch.no_grad():
             output = self.estimator(**self._arguments(), token_ids=token_ids.to(self._device()),
                                     calibrator=self.calibrator, eu_head=self.eu_head)
+            check_finite_scores(output.score, self._last_outputs, self.estimator.name)
+            if self._context is not None and self._attention_mask.shape[1] >= self._context:
+                warn_beyond_context(self._models_by_name, self._attention_mask.shape[1] + 1)
             self._attention_mask = torch.cat([self._attention_mask, torch.ones_like(token_ids)[:, None]], 1)  # (B, L+1)
             position_ids = self._next_position[:, None]  # (B, 1)
             for model in self._models.values():
                 model.forward(token_ids[:, None], self._attention_mask, position_ids)
         self._next_position = self._next_position + 1
         return output
+
+    def _last_outputs(self) -> dict[str, torch.Tensor | None]:
+        """What each model produced at the current position, by part name (read when a score is not finite)."""
+        parts = {}
+        for key, model in self._models.items():
+            output = model.last_output
+            features = output.target_features
+            parts[self._names[key]] = features.values if features is not None else output.logits
+        return parts
 
     def _device(self) -> torch.device:
         return next(iter(self._models.values())).device  # combine on the first model's device

@@ -21,6 +21,7 @@ from torch import nn
 from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.utils import logging
 
+from ._validation import check_causal_lm, check_chunk_size, check_draft_index, check_prompt_length, check_token_inputs
 from ._version import __version__
 from .calibration import EUCalibrator
 from .configuration import UncertaintyAwareConfig, load_composite_config
@@ -79,6 +80,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         parts = {f"draft {k}": draft for k, draft in enumerate(drafts)}
         if proxy is not None:
             parts["proxy"] = proxy
+        for role, model in {"target": target, **parts}.items():
+            check_causal_lm(model, role)
         if student is not None:
             _check_student_argument(student)
             parts["student"] = student
@@ -264,7 +267,13 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             Without `return_dict_in_generate`: the token tensor the target returns. With it:
             `UncertaintyGenerateOutput` (or `UncertaintyGenerateBeamOutput` for beam search) holding the
             target's fields plus `epistemic_uncertainty`, `eu_variance`, `eu_bias`, `uncertainty_mask`.
+
+        Errors (even before the first token) also reach an `EUTextIteratorStreamer`'s reading loop, which raises them.
         """
+        with getattr(kwargs.get("streamer"), "reporting_failures", nullcontext)():
+            return self._generate(inputs, assistant_draft, estimator, kwargs)
+
+    def _generate(self, inputs: torch.Tensor | None, assistant_draft: int | None, estimator: str | None, kwargs: dict):
         chosen = get_estimator(estimator or self.config.estimator)
         generation_config = kwargs.get("generation_config") or self.target.generation_config
         return_dict = kwargs.get("return_dict_in_generate", generation_config.return_dict_in_generate)
@@ -272,6 +281,9 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             raise ValueError("`max_new_tokens=0` generates no token, so there is no uncertainty to compute; "
                              "ask for at least one new token.")
         input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if input_ids is not None:
+            check_token_inputs(input_ids, kwargs.get("attention_mask"), vocab_size=self.config.vocab_size,
+                               name="inputs" if inputs is not None else "input_ids")
         if return_dict and input_ids is None:
             raise ValueError("Uncertainty needs the prompt's token ids: pass `input_ids` (not only `inputs_embeds`), "
                              "or leave `return_dict_in_generate` unset to get the tokens alone.")
@@ -307,9 +319,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         return output_class(**dict(output), **dict(scores), **stopped)
 
     def _attach_assistant(self, kwargs: dict, assistant_draft: int, input_ids: torch.Tensor | None) -> None:
-        if not isinstance(assistant_draft, int) or not 0 <= assistant_draft < len(self.drafts):
-            raise ValueError(f"`assistant_draft` must be a draft index in [0, {len(self.drafts) - 1}], "
-                             f"got {assistant_draft!r}.")
+        check_draft_index(assistant_draft, len(self.drafts))
         if kwargs.get("assistant_model") is not None:
             raise ValueError("Pass either `assistant_draft` or `assistant_model`, not both.")
         batch_size = input_ids.shape[0] if input_ids is not None else 1
@@ -376,15 +386,16 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             `attention_mask[:, prompt_length:]`. With a fitted detector, `answer_risk` `(batch_size,)` treats the
             scored columns of each row as its answer.
         """
-        if input_ids.dim() != 2:
-            raise ValueError(f"`input_ids` must have shape (batch_size, seq_len), got {tuple(input_ids.shape)}.")
+        check_token_inputs(input_ids, attention_mask, vocab_size=self.config.vocab_size)
+        check_prompt_length(prompt_length)  # its range is checked by scoring, after the padding
+        check_chunk_size(chunk_size)
         if attention_mask is not None:
             check_left_padded(attention_mask[:, :prompt_length], "attention_mask[:, :prompt_length] (the prompts)")
         chosen = get_estimator(estimator or self.config.estimator)
         scores = score_tokens(
             chosen, input_ids, prompt_length,
             drafts=self.drafts, proxy=self.proxy, target=self.target, attention_mask=attention_mask,
-            chunk_size=chunk_size or self.config.chunk_size, **self._scoring_extras(chosen),
+            chunk_size=chunk_size if chunk_size is not None else self.config.chunk_size, **self._scoring_extras(chosen),
         )
         scores.answer_risk = self._answer_risk(chosen.name, scores, input_ids, prompt_length, attention_mask)
         return scores

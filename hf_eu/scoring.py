@@ -6,6 +6,15 @@ the prompt is pre-filled into each model's KV cache (logits of its last position
 answer is fed in chunks of `chunk_size` positions, so the largest tensor is
 `(num_models, batch, chunk_size, vocab)` whatever the sequence length.
 
+Memory: the automatic chunk size keeps every vocabulary-sized float32 tensor of a chunk, together, within
+`max_chunk_elements` (2**25 floats = 128 MiB by default): the log-probs of each model run (one buffer,
+reused), a Gaussian student's raw outputs, the logits of the model running and the estimators'
+temporaries (`Estimator.working_copies`), as `_peak_copies` counts them. Not counted: each model's
+weights, KV cache and hidden activations, which grow with the sequence length and hidden size but not
+with the vocabulary. When one position alone needs more than the budget (many models, a large batch
+and vocabulary, or `gaussian_distill_sampled`'s 32 members), chunks are one position and the peak is
+that position's tensors.
+
 Causal shift, stated once: logits at position i predict token i + 1, so the new tokens
 `input_ids[:, prompt_length:]` are scored from logits at positions `prompt_length - 1 … L - 2`.
 
@@ -16,12 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import nn
 
 from ._cache import cache_argument, continues_in_chunks, output_cache
+from ._validation import check_chunk_size, check_finite_scores, check_token_inputs, warn_beyond_context
 from .estimators import Estimator
 from .eu_features import TargetFeatureRecorder
 from .loading import output_vocab_size
@@ -30,13 +41,47 @@ from .perturbation import LowRankGaussianPerturbation
 
 __all__ = ["score_tokens", "score_tokens_many", "score_recorded", "reads_only_features", "DEFAULT_MAX_CHUNK_ELEMENTS"]
 
-# Budget for one chunk of log-probs across all models: 2**25 float32 = 128 MiB.
+# Budget for the vocabulary-sized tensors of one chunk (all models' log-probs, the estimators' temporaries):
+# 2**25 float32 = 128 MiB.
 DEFAULT_MAX_CHUNK_ELEMENTS = 2**25
 
 
 def _logps(logits: torch.Tensor) -> torch.Tensor:
     """Raw logits (B, C, V) in any dtype -> float32 log-probs flattened to (B*C, V)."""
     return logits.float().log_softmax(-1).flatten(0, 1)  # (B*C, V)
+
+
+class _ChunkLogps:
+    """The float32 log-probs of every model at one chunk, in one `(S, B*C, V)` buffer reused across chunks.
+
+    One slot per runner whose log-probs some estimator reads; a role whose runners hold consecutive slots
+    (the drafts, in order) is a view of the buffer, so no `(K, B*C, V)` stack is copied.
+    """
+
+    def __init__(self, keys: Sequence[Any], device: torch.device):
+        self.slots = {key: slot for slot, key in enumerate(keys)}
+        self.device = device
+        self.buffer: torch.Tensor | None = None  # (S, rows ≥ B*C, V)
+        self.rows = 0
+
+    def fill(self, key: Any, logits: torch.Tensor) -> None:
+        """Write the log-softmax of `logits` `(B, C, V)` into `key`'s slot (after which the logits can go)."""
+        rows, vocab = logits.shape[0] * logits.shape[1], logits.shape[-1]
+        if self.buffer is None or self.buffer.shape[1] < rows:
+            self.buffer = None  # the old buffer is freed before the new one is allocated
+            self.buffer = torch.empty(len(self.slots), rows, vocab, dtype=torch.float32, device=self.device)
+        self.rows = rows
+        torch.log_softmax(logits.flatten(0, 1).to(self.device), -1, dtype=torch.float32,
+                          out=self.buffer[self.slots[key], :rows])  # (B*C, V)
+
+    def member(self, key: Any) -> torch.Tensor:
+        return self.buffer[self.slots[key], : self.rows]  # (B*C, V)
+
+    def members(self, keys: Sequence[Any]) -> torch.Tensor:
+        slots = [self.slots[key] for key in keys]
+        if slots == list(range(slots[0], slots[0] + len(slots))):
+            return self.buffer[slots[0] : slots[0] + len(slots), : self.rows]  # (K, B*C, V), a view
+        return torch.stack([self.buffer[slot, : self.rows] for slot in slots])  # (K, B*C, V)
 
 
 class _ChunkedForward:
@@ -91,7 +136,24 @@ class _ChunkedForward:
 
 
 def _auto_chunk_size(num_models: int, batch_size: int, vocab_size: int, max_elements: int) -> int:
+    """The most positions whose `num_models` float32 `(batch_size, ·, vocab_size)` tensors fit `max_elements`."""
     return max(1, max_elements // max(1, num_models * batch_size * vocab_size))
+
+
+def _peak_copies(estimators: Sequence[Estimator], num_slots: int, student: nn.Module | None, recorded: bool) -> int:
+    """How many float32 `(batch, chunk, vocab)` tensors one chunk holds at its peak.
+
+    The log-probs buffer (`num_slots`), a Gaussian student's raw logits and factor logits (and their float32
+    copies when it runs in another dtype), then the larger of the running model's logits (1, plus the
+    recorder's 3 temporaries when it records the target's features, plus 1 for a transfer or cast) and the
+    estimators' temporaries (`Estimator.working_copies`).
+    """
+    raw = 0
+    if student is not None and any("student" in e.inputs for e in estimators):
+        dtype = next(student.parameters()).dtype
+        raw = (1 + getattr(student, "num_factors", 0)) * (1 if dtype == torch.float32 else 2)
+    forward = 2 + (3 if recorded else 0)
+    return num_slots + raw + max(forward, max(e.working_copies for e in estimators))
 
 
 def score_tokens(estimator: Estimator, input_ids: torch.Tensor, prompt_length: int, **kwargs) -> UncertaintyOutput:
@@ -137,7 +199,9 @@ def score_tokens_many(
         uncertainty_mask: `(batch_size, seq_len - prompt_length)` bool of tokens to report; defaults to
             `attention_mask[:, prompt_length:]`. Scores are 0 where it is False.
         chunk_size: positions per chunk; None derives it from `max_chunk_elements`.
-        max_chunk_elements: bound on the floats of one chunk of log-probs across all models.
+        max_chunk_elements: bound on the float32 elements of the vocabulary-sized tensors one chunk holds at
+            once (every model's log-probs and the estimators' temporaries, see the module docstring); used
+            when `chunk_size` is None.
         perturbation: for estimators reading ``"perturbed"``: the target's perturbation (default: a
             `LowRankGaussianPerturbation(target)` with docs/method.md §2's defaults).
         perturbation_seeds: seeds of the perturbed copies (default `0 … M-1`); an estimator uses the
@@ -151,16 +215,8 @@ def score_tokens_many(
     Returns:
         `{estimator name: UncertaintyOutput}`, tensors of shape `(batch_size, seq_len - prompt_length)`.
     """
+    _check_arguments(estimators, input_ids, prompt_length, attention_mask, uncertainty_mask, chunk_size, target)
     batch_size, seq_len = input_ids.shape
-    if not 1 <= prompt_length < seq_len:
-        raise ValueError(
-            f"`prompt_length` must be in [1, seq_len - 1] = [1, {seq_len - 1}] so at least one token is scored, "
-            f"got {prompt_length}. Pass sequences that contain new tokens after the prompt."
-        )
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"`chunk_size` must be ≥ 1 or None, got {chunk_size}.")
-    if len({e.name for e in estimators}) != len(estimators):
-        raise ValueError(f"Estimator names must be distinct, got {[e.name for e in estimators]}.")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if uncertainty_mask is None:
@@ -181,26 +237,53 @@ def score_tokens_many(
     runners = {key: _ChunkedForward(model, input_ids, attention_mask, position_ids, *noise)
                for estimator_roles in roles.values() for members in estimator_roles.values()
                for key, model, noise in members}
-    rows = len(runners) + (getattr(student, "num_factors", 0) if student is not None else 0)
-    chunk_size = chunk_size or _auto_chunk_size(rows, batch_size, output_vocab_size(target), max_chunk_elements)
-
-    num_new = seq_len - prompt_length
-    results: dict[str, dict[str, torch.Tensor]] = {e.name: {} for e in estimators}
+    names = _part_names(roles, drafts, proxy)
+    warn_beyond_context({names[key]: runner.model for key, runner in runners.items()}, seq_len)
+    logps = _ChunkLogps(_logp_keys(roles), _first_device(runners))
+    copies = _peak_copies(estimators, len(logps.slots), student, "features" in set().union(*roles.values()))
+    chunk_size = chunk_size or _auto_chunk_size(copies, batch_size, output_vocab_size(target), max_chunk_elements)
     recorder = TargetFeatureRecorder(target) if any("features" in e.inputs for e in estimators) else None
     with torch.no_grad(), recorder or nullcontext(), recorder.pause() if recorder else nullcontext():
-        for runner in runners.values():
-            runner.prefill(prompt_length - 1)
-        for start in range(prompt_length - 1, seq_len - 1, chunk_size):
-            end = min(start + chunk_size, seq_len - 1)
-            token_ids = input_ids[:, start + 1 : end + 1].flatten().to(_first_device(runners))  # (B*C,) predicted
-            outputs = {key: _run_chunk(runner, start, end, recorder if key == id(target) else None)
-                       for key, runner in runners.items()}
-            for estimator in estimators:
-                arguments = _chunk_arguments(roles[estimator.name], outputs, _first_device(runners))
-                output = estimator(**arguments, token_ids=token_ids, calibrator=calibrator, eu_head=eu_head)
-                _store(results[estimator.name], output, start - (prompt_length - 1), batch_size, num_new)
+        results = _score_chunks(estimators, roles, runners, logps, names, input_ids, prompt_length, chunk_size,
+                                recorder, id(target), calibrator=calibrator, eu_head=eu_head)
     mask = uncertainty_mask.to(torch.bool).cpu()
     return {name: _masked_output(values, mask) for name, values in results.items()}
+
+
+def _check_arguments(estimators, input_ids, prompt_length, attention_mask, uncertainty_mask, chunk_size,
+                     target) -> None:
+    """The public arguments' rules (`_validation.py`), before any model runs."""
+    check_token_inputs(input_ids, attention_mask, vocab_size=output_vocab_size(target), prompt_length=prompt_length,
+                       uncertainty_mask=uncertainty_mask)
+    check_chunk_size(chunk_size)
+    if len({e.name for e in estimators}) != len(estimators):
+        raise ValueError(f"Estimator names must be distinct, got {[e.name for e in estimators]}.")
+
+
+def _score_chunks(estimators, roles, runners, logps, names, input_ids, prompt_length, chunk_size, recorder,
+                  target_key, **extras) -> dict[str, dict[str, torch.Tensor]]:
+    """Prefill every runner, then score the answer chunk by chunk: `{estimator: {field: (B, num_new)}}`."""
+    batch_size, seq_len = input_ids.shape
+    num_new = seq_len - prompt_length
+    device = _first_device(runners)
+    results: dict[str, dict[str, torch.Tensor]] = {e.name: {} for e in estimators}
+    for runner in runners.values():
+        runner.prefill(prompt_length - 1)
+    for start in range(prompt_length - 1, seq_len - 1, chunk_size):
+        end = min(start + chunk_size, seq_len - 1)
+        token_ids = input_ids[:, start + 1 : end + 1].flatten().to(device)  # (B*C,) predicted
+        outputs = {}  # the previous chunk's outputs are freed before this chunk's models run
+        for key, runner in runners.items():
+            outputs[key] = _run_chunk(runner, start, end, recorder if key == target_key else None,
+                                      logps if key in logps.slots else None, key)
+        for estimator in estimators:
+            estimator_roles = roles[estimator.name]
+            output = estimator(**_chunk_arguments(estimator_roles, outputs, device, logps), token_ids=token_ids,
+                               **extras)
+            check_finite_scores(output.score, lambda: _chunk_parts(estimator_roles, outputs, logps, names),
+                                estimator.name)
+            _store(results[estimator.name], output, start - (prompt_length - 1), batch_size, num_new)
+    return results
 
 
 def reads_only_features(estimator: Estimator) -> bool:
@@ -226,18 +309,25 @@ def score_recorded(estimator: Estimator, features, uncertainty_mask: torch.Tenso
     with torch.no_grad():
         output = estimator(target_features=features.map(lambda t: t.flatten(0, 1)), eu_head=eu_head,
                            calibrator=calibrator)  # (B*T,)
+    check_finite_scores(output.score, lambda: {"target": features.values}, estimator.name)
     _store(results, output, 0, batch_size, num_new)
     return _masked_output(results, uncertainty_mask.to(torch.bool).cpu())
 
 
-def _run_chunk(runner: _ChunkedForward, start: int, end: int, recorder: TargetFeatureRecorder | None):
-    """The runner's output at [start, end); with a recorder (the unperturbed target's runner), plus its features."""
-    if recorder is None:
-        return runner.outputs(start, end)
-    with recorder.recording():
+def _run_chunk(runner: _ChunkedForward, start: int, end: int, recorder: TargetFeatureRecorder | None,
+               logps: _ChunkLogps | None, key: Any):
+    """The runner's output at [start, end); with a recorder (the unperturbed target's runner), plus its features.
+
+    With `logps`, its log-probs go into the shared buffer and only the features are kept (the logits are freed).
+    """
+    with recorder.recording() if recorder is not None else nullcontext():
         output = runner.outputs(start, end)
-    output.target_features = recorder.pop()  # (B, C, ·)
-    return output
+    features = recorder.pop() if recorder is not None else None  # (B, C, ·)
+    if logps is None:
+        output.target_features = features
+        return output
+    logps.fill(key, output.logits)
+    return SimpleNamespace(target_features=features)
 
 
 def _check_eu_head(estimator: Estimator, eu_head: nn.Module | None) -> None:
@@ -315,8 +405,12 @@ def _first_device(runners: dict[Any, _ChunkedForward]) -> torch.device:
     return next(iter(runners.values())).input_ids.device
 
 
-def _chunk_arguments(roles: dict[str, _Members], outputs: dict[Any, Any], device: torch.device) -> dict[str, torch.Tensor]:
-    """Every role's outputs at this chunk's positions, as estimator arguments, on the first model's device."""
+def _chunk_arguments(roles: dict[str, _Members], outputs: dict[Any, Any], device: torch.device,
+                     logps: _ChunkLogps | None = None) -> dict[str, torch.Tensor]:
+    """Every role's outputs at this chunk's positions, as estimator arguments, on the first model's device.
+
+    With `logps`, log-probs are read from its buffer (views); without, they are computed from each output's logits.
+    """
     arguments = {}
     for role, members in roles.items():
         if role == "features":
@@ -329,7 +423,55 @@ def _chunk_arguments(roles: dict[str, _Members], outputs: dict[Any, Any], device
             factor_logits = student_output.factor_logits.float()  # (B, C, q, V)
             arguments["student_factor_logits"] = factor_logits.flatten(0, 1).transpose(0, 1).to(device)  # (q, B*C, V)
             continue
-        per_model = [_logps(outputs[key].logits).to(device) for key, _, _ in members]  # each (B*C, V)
         single = role in ("reference", "target")
+        if logps is not None:
+            keys = [key for key, _, _ in members]
+            arguments[f"{role}_logps"] = logps.member(keys[0]) if single else logps.members(keys)  # (N, V) | (K, N, V)
+            continue
+        per_model = [_logps(outputs[key].logits).to(device) for key, _, _ in members]  # each (B*C, V)
         arguments[f"{role}_logps"] = per_model[0] if single else torch.stack(per_model)  # (N, V) | (K, N, V)
     return arguments
+
+
+def _logp_keys(roles: Mapping[str, dict[str, _Members]]) -> list[Any]:
+    """The runners whose log-probs some estimator reads (every role but the student and the features), in order."""
+    keys: dict[Any, None] = {}
+    for estimator_roles in roles.values():
+        for role, members in estimator_roles.items():
+            if role not in ("student", "features"):
+                keys.update((key, None) for key, _, _ in members)
+    return list(keys)
+
+
+def _part_names(roles: Mapping[str, dict[str, _Members]], drafts: Sequence[nn.Module], proxy: nn.Module | None
+                ) -> dict[Any, str]:
+    """Runner key -> the part's name in messages ("draft 1", "proxy", "target", "perturbed target (seed 3)")."""
+    draft_index = {id(draft): k for k, draft in enumerate(drafts)}
+    names = {}
+    for estimator_roles in roles.values():
+        for role, members in estimator_roles.items():
+            for key, model, noise in members:
+                if noise:
+                    names[key] = f"perturbed target (seed {noise[1]})"
+                elif role == "student":
+                    names[key] = "student"
+                elif key in draft_index:
+                    names[key] = f"draft {draft_index[key]}"
+                else:
+                    names.setdefault(key, "proxy" if proxy is not None and model is proxy else "target")
+    return names
+
+
+def _chunk_parts(roles: dict[str, _Members], outputs: dict[Any, Any], logps: _ChunkLogps, names: dict[Any, str]
+                 ) -> dict[str, torch.Tensor | None]:
+    """What each part an estimator read produced at this chunk, by name (looked through when a score is not finite)."""
+    parts = {}
+    for role, members in roles.items():
+        for key, _, _ in members:
+            if role == "features":
+                parts[names[key]] = outputs[key].target_features.values
+            elif role == "student":
+                parts[names[key]] = outputs[key].logits
+            else:
+                parts[names[key]] = logps.member(key)
+    return parts

@@ -25,6 +25,7 @@ mask all ones), which is what a batch of one is.
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -121,6 +122,21 @@ class _EUStreamMixin:
         self._expect_prompt = True
         self._pending_ids: list[int] = []
         self._pending_eu: list[float] = []
+        self._ends = 0  # streams ended so far (`end` calls)
+        self._failure: BaseException | None = None  # the last error handed to `_on_failure`
+
+    @contextmanager
+    def reporting_failures(self):
+        """Around one `generate` call: an error it raises outside `put` (a bad argument, before the first token)
+        before the stream ended is handed to `_on_failure` as `put`'s own errors are, so a reading loop raises it
+        instead of waiting forever. The wrapper's `generate` does this itself; wrap the target's own with it."""
+        ends = self._ends
+        try:
+            yield self
+        except Exception as error:
+            if self._ends == ends and error is not self._failure:
+                self._on_failure(error)
+            raise
 
     def put(self, value: torch.Tensor) -> None:
         """Receive the prompt (first call) or newly generated tokens from `generate`."""
@@ -173,9 +189,11 @@ class _EUStreamMixin:
         self.print_len = 0
         self._expect_prompt = True
         self.scorer.reset()
+        self._ends += 1
         self.on_stream_end()
 
     def _on_failure(self, error: BaseException) -> None:
+        self._failure = error
         self._expect_prompt = True
         self.scorer.reset()
 
@@ -206,7 +224,10 @@ class EUTextIteratorStreamer(_EUStreamMixin, TextIteratorStreamer):
         ...     print(piece.text, piece.eu)
 
     An error inside `generate` (e.g. a batch of more than one prompt, a `ValueError` naming the batch
-    size) is raised again by the iterator, so the consuming loop does not wait forever.
+    size, or an argument refused before the first token such as `max_new_tokens=-1`) is raised again by
+    the iterator, so the consuming loop does not wait forever. With the wrapper's `generate` this holds
+    for every error; with the target's own `generate`, run it inside `with streamer.reporting_failures():`
+    (errors before the first token never reach the streamer otherwise) or pass a `timeout`.
     """
 
     def __init__(self, tokenizer: Any, eu_model: Any, skip_prompt: bool = True, timeout: float | None = None,

@@ -159,7 +159,8 @@ def logits_widths(models):
 
 def test_chunks_from_max_chunk_elements_respect_the_budget(target, drafts, proxy, sequences):
     input_ids, attention_mask, prompt_length = sequences  # (2, 13): 7 positions scored
-    per_position = (len(drafts) + 1) * 2 * 64  # hf_eu runs the 3 drafts and the proxy
+    # hf_eu runs the 3 drafts and the proxy: their log-probs plus the estimator's 4 working copies, per position
+    per_position = (len(drafts) + 1 + get_estimator("hf_eu").working_copies) * 2 * 64
     budget = 3 * per_position + 100
     widths, handles = logits_widths([*drafts, proxy, target])
     try:
