@@ -120,15 +120,16 @@ def _score_batch(models: Models, names: list[str], batch: list[Answer], scale: S
 
 
 def collect_scores(models: Models, answers: list[Answer], scale: Scale, folder: str,
-                   names: list[str], ground_truth: bool = True) -> dict[str, list[np.ndarray]]:
+                   names: list[str], ground_truth: bool = True, from_end: bool = False) -> dict[str, list[np.ndarray]]:
     """`{name: [per-token array of each answer]}` for every estimator (and the ground truth unless
-    `ground_truth=False`), batch-resumable."""
+    `ground_truth=False`), batch-resumable. `from_end` scores the batches last to first, so that a second process
+    on the same folder meets the first in the middle (a batch already on disk is read, not scored again)."""
     perturbation = LowRankGaussianPerturbation(models.target, rank=scale.perturbation["rank"],
                                                sigma=scale.perturbation["sigma"],
                                                target_modules=scale.perturbation["target_modules"])
-    merged: dict[str, list[np.ndarray]] = {}
-    starts = range(0, len(answers), scale.batch_size)
-    for number, start in enumerate(tqdm(starts, desc=f"scoring {os.path.basename(folder)}")):
+    batches = {}
+    starts = list(enumerate(range(0, len(answers), scale.batch_size)))
+    for number, start in tqdm(starts[::-1] if from_end else starts, desc=f"scoring {os.path.basename(folder)}"):
         batch = answers[start:start + scale.batch_size]
         path = os.path.join(folder, f"scores-{number:05d}.npz")
         stored = dict(np.load(path)) if os.path.isfile(path) else {}
@@ -141,8 +142,12 @@ def collect_scores(models: Models, answers: list[Answer], scale: Scale, folder: 
             stored.update(_score_batch(models, missing, batch, scale, perturbation))
             np.savez(path + ".tmp.npz", **stored, **{_KEY: key})
             os.replace(path + ".tmp.npz", path)
-        for name, flat in stored.items():
-            merged.setdefault(name, []).extend(flat[lengths[i]:lengths[i + 1]] for i in range(len(batch)))
+        batches[number] = {name: [flat[lengths[i]:lengths[i + 1]] for i in range(len(batch))]
+                           for name, flat in stored.items()}
+    merged: dict[str, list[np.ndarray]] = {}
+    for number in sorted(batches):  # answer order, whichever order the batches were scored in
+        for name, values in batches[number].items():
+            merged.setdefault(name, []).extend(values)
     return merged
 
 

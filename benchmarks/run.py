@@ -48,6 +48,9 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--only-sets", default=None,
                         help="comma-separated sets to answer and score, nothing else (e.g. 'gsm' in a second process "
                              "beside a run on the others); writes no results")
+    parser.add_argument("--from-end", action="store_true",
+                        help="score each set's batches last to first: a second process on the same set meets the first "
+                             "in the middle (each skips the batches the other has written)")
     parser.add_argument("--no-timing", action="store_true",
                         help="skip the timing stage (answers and scores only; a later run times every estimator at once)")
     parser.add_argument("--fit-detector", action="store_true",
@@ -148,7 +151,7 @@ def run(argv=None) -> dict:
                                     ground_truth=False)
         else:
             set_names = [n for n in names if n != "hf_eu_calibrated" or (set_name != "calib" or not fit_calibrator)]
-            scores = collect_scores(models, answers, scale, folder, set_names)
+            scores = collect_scores(models, answers, scale, folder, set_names, from_end=args.from_end)
         if set_name == "calib" and fit_calibrator:
             _fit_calibrator(models, {"answers": answers, "scores": scores}, scale, save=scale.name != "tiny")
         wrong = np.array([not a["correct"] for a in answers], dtype=float)

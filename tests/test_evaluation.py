@@ -157,3 +157,8 @@ def test_a_grown_set_keeps_cached_answers_and_rescores_only_changed_batches(tmp_
     assert len(second["entropy"]) == 5 and all(len(v) == len(a["answer_ids"]) for v, a in zip(second["entropy"], answers))
     eval_scoring.collect_scores(models, answers, scale, str(tmp_path), ["entropy"])
     assert len(fake_scores.batches) == 4  # everything cached now
+    for path in tmp_path.glob("scores-0000[02].npz"):
+        path.unlink()
+    from_end = eval_scoring.collect_scores(models, answers, scale, str(tmp_path), ["entropy"], from_end=True)
+    assert fake_scores.batches[4:] == [["q4xxxx"], ["q0", "q1x"]]  # last batch first
+    assert len(from_end["entropy"]) == 5 and [len(v) for v in from_end["entropy"]] == [len(a["answer_ids"]) for a in answers]
