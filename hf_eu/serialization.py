@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -243,7 +244,9 @@ def _check_model_folder(path: str, role: str) -> None:
 def _load_model(path: str, role: str, target: nn.Module | None, **kwargs) -> nn.Module:
     try:
         if os.path.isfile(os.path.join(path, ADAPTER_BASE_FILE)):
-            return _load_adapter(path, target)
+            with warnings.catch_warnings():  # peft < 0.22 asks for the deprecated name on transformers 5.24
+                warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+                return _load_adapter(path, target)
         return AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, trust_remote_code=False, **kwargs)
     except Exception as error:  # safetensors, JSON and config errors all mean the same to the user
         raise ValueError(f"The {role} in {path} is corrupt or unreadable ({type(error).__name__}: {error}). "
