@@ -40,6 +40,7 @@ _EXPORTS = {  # name -> module: imported on first use, so `python -m trainers.X`
     "select_partition": "partition",
     "REASONING_GYM_PRESETS": "questions", "TRAIN_SEED_OFFSET": "questions", "gsm8k_questions": "questions",
     "reasoning_gym_questions": "questions", "training_seed": "questions",
+    "CheckedResumeMixin": "checkpoints", "check_checkpoint": "checkpoints",
     "ScriptArguments": "script_utils", "build_student": "script_utils", "load_rows": "script_utils",
     "load_target": "script_utils", "train_and_save": "script_utils",
 }
@@ -62,7 +63,8 @@ __all__ = [
     "Answer", "answer_greedily", "calibration_features", "token_values", "fit_calibrator", "fit_answer_risk",
     "CONFIDENCE_FEATURES",
     # what the command line scripts share
-    "ScriptArguments", "load_rows", "load_target", "build_student", "train_and_save",
+    "ScriptArguments", "load_rows", "load_target", "build_student", "train_and_save", "CheckedResumeMixin",
+    "check_checkpoint",
 ]
 
 

@@ -13,6 +13,8 @@ from transformers import Trainer
 
 from hf_eu.loading import output_vocab_size
 
+from .checkpoints import CheckedResumeMixin
+
 __all__ = ["DistillationTrainer", "shifted_positions"]
 
 
@@ -33,7 +35,7 @@ def shifted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return positions, targets, targets != -100
 
 
-class DistillationTrainer(Trainer):
+class DistillationTrainer(CheckedResumeMixin, Trainer):
     """A `Trainer` with a frozen `teacher` and helpers for token-level distillation losses."""
 
     def __init__(self, *args, teacher: nn.Module | None = None, **kwargs):

@@ -19,6 +19,7 @@ from transformers import Trainer
 from hf_eu.eu_features import TargetFeatures
 from hf_eu.eu_head import EUHead
 
+from .checkpoints import CheckedResumeMixin
 from .eu_head_config import EUHeadConfig
 
 __all__ = ["EUHeadTrainer", "eu_head_dataset", "set_input_statistics", "batch_features"]
@@ -44,7 +45,7 @@ def set_input_statistics(head: EUHead, dataset: Dataset, max_rows: int = 20_000)
     head.input_std.copy_(inputs.std(0).clamp_min(1e-6).float())
 
 
-class EUHeadTrainer(Trainer):
+class EUHeadTrainer(CheckedResumeMixin, Trainer):
     """Trains an `EUHead` (attached to its target) on ground-truth EU; see the module docstring."""
 
     _tag_names = ["hf_eu", "eu-head", "uncertainty-distillation"]

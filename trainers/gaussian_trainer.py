@@ -32,6 +32,7 @@ from transformers import Trainer, TrainerCallback
 from hf_eu.gaussian import GaussianStudentForCausalLM
 from hf_eu.perturbation import LowRankGaussianPerturbation
 
+from .checkpoints import CheckedResumeMixin
 from .factor_em import FactorEM
 from .gaussian_config import GaussianDistillationConfig
 from .gaussian_design import TeacherEnsemble, check_shared_head, collect_design_points
@@ -59,7 +60,7 @@ class _EMCallback(TrainerCallback):
             self.trainer.em_step()
 
 
-class GaussianDistillationTrainer(Trainer):
+class GaussianDistillationTrainer(CheckedResumeMixin, Trainer):
     """Fits a Gaussian student's factor head to a teacher ensemble by EM. See the module docstring.
 
     Args:
