@@ -148,12 +148,27 @@ def context_length(model: nn.Module) -> int | None:
     return limit if _is_int(limit) and limit > 0 else None
 
 
+_POSITION_TABLES = ("wpe", "embed_positions", "position_embeddings")  # GPT-2/BigCode/GPT-J, OPT, BERT-style names
+
+
+def _learned_positions(model: nn.Module) -> bool:
+    """Whether `model` looks up absolute positions in a learned table (an `nn.Embedding` named like one)."""
+    return any(isinstance(module, nn.Embedding) and name.rsplit(".", 1)[-1] in _POSITION_TABLES
+               for name, module in model.named_modules())
+
+
 def warn_beyond_context(models: Mapping[str, nn.Module], length: int) -> None:
     """Warn once per model when `length` positions exceed its context: its predictions there (and so the EU) are
-    unreliable, and models with learned position embeddings fail outright."""
+    unreliable. A model with learned position embeddings cannot go past them: refused with a `ValueError`."""
     for role, model in models.items():
         limit = context_length(model)
-        if limit is None or length <= limit or model in _CONTEXT_WARNED:
+        if limit is None or length <= limit:
+            continue
+        if _learned_positions(model):  # a position table has no row past `limit`: torch would fail with an index error
+            raise ValueError(f"The {role} ({type(model).__name__}) has learned position embeddings for {limit} "
+                             f"positions (config.max_position_embeddings) and cannot score sequences of {length}. "
+                             "Shorten the prompt or `max_new_tokens` so prompt + answer fit in its context.")
+        if model in _CONTEXT_WARNED:
             continue
         _CONTEXT_WARNED.add(model)
         logger.warning(f"The {role} ({type(model).__name__}) has a context of {limit} positions (config."

@@ -354,3 +354,16 @@ def test_scoring_peak_memory_holds_the_budget_at_a_128k_vocabulary():
                             check=True)
     peak = json.loads(result.stdout.strip().splitlines()[-1])["peak_extra_mib"]
     assert peak <= 128 + 16, f"{peak:.1f} MiB above baseline; the budget is 128 MiB (+16 MiB activations and noise)"
+
+
+def test_learned_positions_past_the_context_are_refused_before_scoring(target, drafts, proxy):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    short = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB_SIZE, n_positions=6, n_embd=16, n_layer=1, n_head=2)).eval()
+    eu_model = UncertaintyAwareModelForCausalLM(target, [short, *drafts[1:]], proxy)
+    with pytest.raises(ValueError, match=r"draft 0 \(GPT2LMHeadModel\) has learned position embeddings for 6 "
+                                         r"positions .* sequences of 8"):
+        eu_model.estimate_uncertainty(SEQUENCES, MASK, prompt_length=4)
+    within = eu_model.estimate_uncertainty(SEQUENCES[:, :6], MASK[:, :6], prompt_length=4)
+    assert torch.isfinite(within.epistemic_uncertainty).all()
