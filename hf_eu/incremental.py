@@ -36,6 +36,7 @@ from torch import nn
 from ._cache import cache_argument, output_cache
 from ._validation import check_finite_scores, check_token_inputs, context_length, warn_beyond_context
 from .eu_features import TargetFeatureRecorder
+from .loading import output_vocab_size
 from .estimators import Estimator, EstimatorOutput, get_estimator
 from .scoring import _check_eu_head, _chunk_arguments, _part_names, _select_models
 
@@ -155,7 +156,8 @@ class IncrementalScorer:
 
     def start(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Prefill the prompt `input_ids` `(batch_size, prompt_len)` (left padding marked 0 in `attention_mask`)."""
-        check_token_inputs(input_ids, attention_mask, vocab_size=None)  # the shared rules of `_validation.py`
+        vocab_size = output_vocab_size(self.target) if self.target is not None else None
+        check_token_inputs(input_ids, attention_mask, vocab_size=vocab_size)  # the shared rules of `_validation.py`
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         attention_mask = attention_mask.long().cpu()

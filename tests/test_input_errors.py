@@ -367,3 +367,12 @@ def test_learned_positions_past_the_context_are_refused_before_scoring(target, d
         eu_model.estimate_uncertainty(SEQUENCES, MASK, prompt_length=4)
     within = eu_model.estimate_uncertainty(SEQUENCES[:, :6], MASK[:, :6], prompt_length=4)
     assert torch.isfinite(within.epistemic_uncertainty).all()
+
+
+def test_the_streaming_scorer_refuses_prompt_ids_outside_the_vocabulary(eu_model):
+    scorer = IncrementalScorer(eu_model)
+    with pytest.raises(ValueError, match=f"input_ids.*{VOCAB_SIZE}"):
+        scorer.start(torch.tensor([[1, 5, VOCAB_SIZE]]))
+    assert not scorer.started  # refused before any prefill
+    scorer.start(torch.tensor([[1, 5, VOCAB_SIZE - 1]]))
+    assert scorer.started
