@@ -45,27 +45,7 @@ _EXPORTS = {  # name -> module: imported on first use, so `python -m trainers.X`
     "load_target": "script_utils", "train_and_save": "script_utils",
 }
 
-__all__ = [
-    # trainers and their configs
-    "DDDConfig", "DDDTrainer", "OSDConfig", "OSDTrainer", "GaussianDistillationConfig", "GaussianDistillationTrainer",
-    "EUHeadConfig", "EUHeadTrainer", "DistillationTrainer", "DistillationCollator", "shifted_positions",
-    # response data, partitions, questions
-    "generate_responses", "SETTINGS_FILE", "partition_dataset", "parse_scheme", "partition_scheme",
-    "select_partition", "gsm8k_questions", "reasoning_gym_questions", "training_seed", "REASONING_GYM_PRESETS",
-    "TRAIN_SEED_OFFSET",
-    # EU-head data and features
-    "EUHeadDataArguments", "build_data", "build_questions", "load_data", "eu_head_dataset", "batch_features",
-    "set_input_statistics",
-    # Gaussian distillation: design points and the factor model's EM
-    "TeacherEnsemble", "check_shared_head", "collect_design_points", "collect_hidden_states", "rows_fingerprint",
-    "FactorEM", "FactorMoments", "FactorStatistics", "expected_nll", "fit_factor_model", "INITS", "NOISE_MODELS",
-    # calibration and answer risk
-    "Answer", "answer_greedily", "calibration_features", "token_values", "fit_calibrator", "fit_answer_risk",
-    "CONFIDENCE_FEATURES",
-    # what the command line scripts share
-    "ScriptArguments", "load_rows", "load_target", "build_student", "train_and_save", "CheckedResumeMixin",
-    "check_checkpoint",
-]
+__all__ = sorted(_EXPORTS)  # one list of names: the table above says where each lives
 
 
 def __getattr__(name: str):
