@@ -40,14 +40,16 @@ def answer_feature_matrix(scores: dict, eu_name: str) -> np.ndarray:
     return np.stack(rows)
 
 
-def fit_detector(detect: dict, eu_name: str, info: dict) -> tuple[AnswerRiskDetector, AnswerRiskDetector]:
-    """The detector on all features and the one on confidence and length only, both fitted on the `detect` set."""
+def fit_detector(detect: dict, eu_name: str, info: dict,
+                 weights: np.ndarray | None = None) -> tuple[AnswerRiskDetector, AnswerRiskDetector]:
+    """The detector on all features and the one on confidence and length only, both fitted on the `detect` set
+    (each answer weighted by `weights`, see `benchmarks.detect_weights`)."""
     from trainers.answer_risk import CONFIDENCE_FEATURES, fit_answer_risk
 
     features = answer_feature_matrix(detect["scores"], eu_name)
-    full = fit_answer_risk(features, detect["wrong"], estimator=eu_name, info=info)
+    full = fit_answer_risk(features, detect["wrong"], estimator=eu_name, sample_weight=weights, info=info)
     confidence = fit_answer_risk(features, detect["wrong"], estimator=eu_name, feature_names=CONFIDENCE_FEATURES,
-                                 info=info)
+                                 sample_weight=weights, info=info)
     return full, confidence
 
 
@@ -89,7 +91,8 @@ def risk_records(set_data: dict, detector: AnswerRiskDetector, confidence_detect
     risk = detector(torch.as_tensor(features)).double().numpy()
     ece, diagram = expected_calibration_error(risk, wrong)
     record = {"detector_estimator": detector.estimator, **detection(wrong, risk, bootstrap=bootstrap),
-              "ece": _nan_to_none(ece), "reliability": diagram, "fitted_on": detector.info.get("fitted_on")}
+              "ece": _nan_to_none(ece), "reliability": diagram, "fitted_on": detector.info.get("fitted_on"),
+              "weighting": detector.info.get("weighting")}
     every = list(range(len(ANSWER_FEATURES)))
     without_eu = [ANSWER_FEATURES.index(name) for name in CONFIDENCE_FEATURES]
     record["cross_validated"] = {"confidence_and_length": _cross_validated(features, wrong, without_eu, cv_seeds),

@@ -54,6 +54,7 @@ class Scale:
     bootstrap: int = 1000
     cv_seeds: int = 5
     timing_answers: int = 16
+    detect_stream: int = 20_000  # questions per task drawn to estimate the generators' frequencies (detect_weights)
     perturbation: dict = field(default_factory=lambda: {"rank": 8, "sigma": 0.1,
                                                         "target_modules": ["q_proj", "v_proj"]})
 
@@ -61,7 +62,7 @@ class Scale:
 SCALES = {
     "tiny": Scale("tiny", questions={"arith": 12, "gsm": 4, "calib": 9, "detect": 6}, max_new_tokens={
                   "arith": 8, "gsm": 12, "calib": 8, "detect": 8}, num_perturbed=4, batch_size=4, bootstrap=50,
-                  cv_seeds=2, timing_answers=4),
+                  cv_seeds=2, timing_answers=4, detect_stream=1000),
     "small": Scale("small", questions={"arith": 300, "gsm": 100, "calib": 48, "detect": 300}, max_new_tokens={
                    "arith": 64, "gsm": 128, "calib": 64, "detect": 64}, timing_answers=8),
     "paper": Scale("paper", questions={"arith": 600, "gsm": 500, "calib": 200, "detect": 600}, max_new_tokens={

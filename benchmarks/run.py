@@ -30,7 +30,9 @@ from benchmarks.eval_scoring import (collect_answers, collect_scores, collect_ti
                                      forward_flops)
 from benchmarks.eval_answer_risk import (DETECT_ESTIMATORS, fit_detector, plot_answer_risk, risk_records,
                                          save_detector)
-from benchmarks.eval_setup import CALIB_SEED, DETECT_SEED, EVAL_SEED, SCALES, build_questions, load_models
+from benchmarks.eval_setup import (ARITH_TASKS, CALIB_SEED, DETECT_SEED, EVAL_SEED, SCALES, build_questions,
+                                   load_models)
+from trainers.questions import reasoning_gym_questions
 
 __all__ = ["main", "run"]
 
@@ -92,11 +94,13 @@ def _answer_risk(models, data: dict, evaluated: dict, scale, default: str, out: 
     that has both right and wrong answers; plots go to `out`."""
     detector, confidence = models.detector, None
     detect = data["detect"]
+    weights, weighting = _detect_weights(models, data, scale)
     info = {"fitted_on": f"benchmarks.run --scale {scale.name} detect set ({len(detect['answers'])} arithmetic "
-                         f"questions, seed {DETECT_SEED}, disjoint from every evaluated question)",
-            "command": command("benchmarks.run")}
+                         f"questions, seed {DETECT_SEED}, disjoint from every evaluated question), weighted to the "
+                         "arith set's draw (benchmarks/detect_weights.py)",
+            "weighting": weighting, "command": command("benchmarks.run")}
     if min(detect["wrong"].mean(), 1 - detect["wrong"].mean()) > 0:
-        fitted, confidence = fit_detector(detect, default, info)
+        fitted, confidence = fit_detector(detect, default, info, weights)
         if fit:
             detector = fitted
             if scale.name != "tiny":
@@ -111,6 +115,19 @@ def _answer_risk(models, data: dict, evaluated: dict, scale, default: str, out: 
             records[set_name] = risk_records(set_data, detector, confidence, scale.bootstrap, scale.cv_seeds)
             plot_answer_risk(records[set_name], os.path.join(out, f"answer_risk_{set_name}"))
     return records
+
+
+def _detect_weights(models, data: dict, scale) -> tuple[np.ndarray, dict]:
+    """Weights for the detect answers as if they had been drawn like `arith`'s, before the texts of every other
+    set (and those the composite trained on) were taken out of their draw (`benchmarks.detect_weights`)."""
+    from benchmarks.detect_weights import exclusion_weights
+
+    removed = set(models.excluded_questions) | set(models.calibrator_questions)
+    removed |= {a["question"] for name, set_data in data.items() if name != "detect" for a in set_data["answers"]}
+    tasks = [a["task"] for a in data["arith"]["answers"]] if "arith" in data else list(ARITH_TASKS)
+    shares = {task: tasks.count(task) / len(tasks) for task in set(tasks)}
+    return exclusion_weights(data["detect"]["answers"], removed, shares, reasoning_gym_questions,
+                             stream=scale.detect_stream)
 
 
 def _costs(models, names, timings, scale) -> dict:

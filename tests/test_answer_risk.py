@@ -58,6 +58,29 @@ def test_detector_probabilities_equal_scikit_learn():
         fit_answer_risk(features, np.zeros(len(features)), estimator="eu_head")
 
 
+def test_weighted_fit_equals_scikit_learn_and_repeating_rows():
+    from sklearn.linear_model import LogisticRegression
+
+    features, wrong = _synthetic(n=120, seed=3)
+    counts = np.random.default_rng(4).integers(1, 4, size=len(wrong)).astype(float)  # integer weights
+    detector = fit_answer_risk(features, wrong, estimator="eu_head", sample_weight=counts)
+    mean = (features * counts[:, None]).sum(0) / counts.sum()  # float64 weighted standardization, by hand
+    std = np.sqrt((((features - mean) ** 2) * counts[:, None]).sum(0) / counts.sum())
+    reference = LogisticRegression(C=1.0, max_iter=1000).fit(
+        (features - mean) / std, wrong, sample_weight=counts / counts.mean()).predict_proba((features - mean) / std)[:, 1]
+    np.testing.assert_allclose(detector(torch.tensor(features)).double().numpy(), reference, atol=1e-6)
+    # weight k means "this answer k times": the same detector as the repeated rows, up to the regularization's scale
+    repeated = fit_answer_risk(np.repeat(features, counts.astype(int), 0), np.repeat(wrong, counts.astype(int)),
+                               estimator="eu_head", regularization=1 / counts.mean())
+    np.testing.assert_allclose(detector(torch.tensor(features)).double().numpy(),
+                               repeated(torch.tensor(features)).double().numpy(), atol=1e-4)
+    assert detector.info["weighted"] and not repeated.info["weighted"]
+    assert detector.info["wrong_fraction"] == round(float((wrong * counts).sum() / counts.sum()), 4)
+    for bad in (np.ones(3), -counts, np.zeros(len(wrong)), np.full(len(wrong), np.nan)):
+        with pytest.raises(ValueError, match="sample_weight"):
+            fit_answer_risk(features, wrong, estimator="eu_head", sample_weight=bad)
+
+
 def test_detector_round_trips(tmp_path):
     features, wrong = _synthetic()
     detector = fit_answer_risk(features, wrong, estimator="eu_head", info={"fitted_on": "synthetic"})

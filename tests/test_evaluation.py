@@ -97,6 +97,10 @@ def test_tiny_scale_end_to_end_and_resume(tmp_path, monkeypatch):
     for name in ("results.md", "roc.png", "eu_vs_ground_truth.png", "answer_heatmap.png", "answer_heatmap.html"):
         assert (out / name).stat().st_size > 0
     assert {"command", "machine", "target_accuracy"} <= set(stored)
+    from benchmarks.eval_setup import ARITH_TASKS
+
+    weighting = stored["answer_risk"]["arith"]["weighting"]  # the detector was fitted with detect_weights
+    assert set(weighting) <= set(ARITH_TASKS) and all(w["kept"] > 0 for w in weighting.values())
 
     def no_scoring(*args, **kwargs):
         raise AssertionError("a finished stage was recomputed")
