@@ -59,7 +59,7 @@ bench-eval-tiny: setup
 
 # Refits hf_eu_calibrated's regressor of the shipped composite (about 15 minutes; needs no other stage).
 fit-calibrator: setup
-	$(BIN)/python -m trainers.fit_calibrator
+	$(BIN)/python -m trainers.run_calibrator
 
 clean:
 	rm -rf $(VENV) build *.egg-info

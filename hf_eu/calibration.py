@@ -96,7 +96,7 @@ class EUCalibrator:
         missing = [path for path in paths if not os.path.isfile(path)]
         if missing:
             raise FileNotFoundError(f"Calibrator files {missing} are missing; re-save the composite or refit it "
-                                    "with `python -m trainers.fit_calibrator`.")
+                                    "with `python -m trainers.run_calibrator`.")
         with open(paths[0]) as handle:
             meta = json.load(handle)
         tensors = load_file(paths[1])

@@ -31,6 +31,8 @@ TARGET_API = frozenset({
     "enable_input_require_grads", "get_memory_footprint", "num_parameters", "main_input_name", "name_or_path",
     "hf_device_map", "add_model_tags", "model_tags", "get_decoder", "base_model_prefix", "warnings_issued",
     "supports_gradient_checkpointing", "prepare_inputs_for_generation", "loss_function", "vocab_size",
+    "base_model",  # the backbone: TRL's fused LM head (SFTTrainer) runs it, then `get_output_embeddings`
+    "loss_type",  # Trainer counts `num_items_in_batch` over shifted labels only for a causal-LM loss
 })
 
 

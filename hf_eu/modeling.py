@@ -114,6 +114,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         get_estimator(self.config.estimator)  # unknown names fail now, not at the first generate
         for part in parts.values():
             part.eval()
+        self.training = target.training  # `model.training` reads as the target's (eval after from_pretrained)
 
     # ------------------------------------------------------------------ loading
     @classmethod

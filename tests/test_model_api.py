@@ -19,6 +19,21 @@ def test_config_reads_fall_through_to_the_target(eu_model, target):
         eu_model.config.no_such_attribute
 
 
+def test_training_mode_reads_as_the_targets(target, drafts, proxy):
+    """transformers' from_pretrained returns a model in eval mode; so does the wrapper of an eval-mode target.
+    TRL's GKD samples from the student before Trainer calls `train()`: it must see the same mode."""
+    from hf_eu import UncertaintyAwareModelForCausalLM
+
+    assert not target.training
+    assert not UncertaintyAwareModelForCausalLM.from_pretrained(target, drafts=drafts, proxy=proxy).training
+    target.train()
+    try:
+        wrapper = UncertaintyAwareModelForCausalLM.from_pretrained(target, drafts=drafts, proxy=proxy)
+        assert wrapper.training and not any(d.training for d in wrapper.drafts) and not wrapper.proxy.training
+    finally:
+        target.eval()
+
+
 def test_model_api_is_the_targets(eu_model, target):
     assert eu_model.get_input_embeddings() is target.get_input_embeddings()
     assert eu_model.get_output_embeddings() is target.get_output_embeddings()

@@ -56,6 +56,18 @@ def test_hf_eu_trainers_exports_every_trainer_config_and_data_tool():
         assert set(module.__all__) <= set(package.__all__), (module_name, set(module.__all__) - set(package.__all__))
 
 
+def test_no_exported_name_is_also_a_module():
+    """`import hf_eu.trainers.X` sets the package attribute X to the module: an exported function named like a
+    module (the old `fit_calibrator`) would be replaced by it."""
+    import pkgutil
+
+    package = importlib.import_module("hf_eu.trainers")
+    modules = {info.name for info in pkgutil.iter_modules(package.__path__)}
+    assert "run_calibrator" in modules and not set(package.__all__) & modules
+    importlib.import_module("hf_eu.trainers.run_calibrator")
+    assert callable(package.fit_calibrator) and package.fit_calibrator.__module__.endswith("calibration")
+
+
 def test_import_hf_eu_never_imports_the_trainers(tmp_path):
     """From outside the repository (so its root is not on the path): `import hf_eu` loads no trainer module,
     `hf_eu.trainers` is the installed trainers/, and the install maps no top-level `trainers` to it."""

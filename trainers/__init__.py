@@ -6,7 +6,7 @@ imports this package (`import hf_eu` loads none of it).
 Installed, this folder is `hf_eu.trainers` (as `model_cards/` is `hf_eu.model_cards`): `from hf_eu.trainers import
 DDDTrainer`, `python -m hf_eu.trainers.run_ddd ...`. In a clone, `trainers` from the repository root is the same
 code (`python -m trainers.run_ddd ...`); the modules import each other relatively, so both names work. The command
-line scripts (`run_ddd`, `run_osd`, `run_gaussian`, `run_eu_head`, `eu_head_data`, `fit_calibrator`,
+line scripts (`run_ddd`, `run_osd`, `run_gaussian`, `run_eu_head`, `eu_head_data`, `run_calibrator`,
 `train_defaults`) are modules to run, not imported here, except `eu_head_data`'s data tools.
 """
 

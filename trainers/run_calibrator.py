@@ -2,8 +2,8 @@
 
 Usage (about 10 minutes on 2 CPU cores for the shipped default):
 
-    python -m trainers.fit_calibrator
-    python -m trainers.fit_calibrator --composite hf_eu/defaults/smollm2-135m-instruct --arith 96 --gsm 16
+    python -m trainers.run_calibrator
+    python -m trainers.run_calibrator --composite hf_eu/defaults/smollm2-135m-instruct --arith 96 --gsm 16
 
 Calibration questions come from seed `training_seed(500)` = 1500: never an evaluation seed (< 1000) and
 not the drafts' training seeds; texts the drafts trained on are dropped. The target answers greedily,
@@ -68,7 +68,7 @@ def main() -> None:
     features = calibration_features(answers, **parts)
     info = {"questions": len(questions), "seed": CALIBRATION_SEED, "ground_truth_num_perturbed": args.num_perturbed,
             "perturbation": {"rank": 8, "sigma": 0.1, "seeds": f"0..{args.num_perturbed - 1}"},
-            "command": "python -m trainers.fit_calibrator " + " ".join(os.sys.argv[1:])}
+            "command": "python -m trainers.run_calibrator " + " ".join(os.sys.argv[1:])}
     model.calibrator = fit_calibrator(np.concatenate(features), np.concatenate(truth), info=info)
     print(json.dumps(model.calibrator.info, indent=2))
     model.calibrator.save(os.path.join(args.composite, CALIBRATOR_FOLDER))
