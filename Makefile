@@ -50,7 +50,7 @@ test-fast: setup
 bench-overhead: setup
 	$(BIN)/python -m benchmarks.overhead
 
-# The evaluation of DESIGN.md §1 on SmolLM2 + the shipped defaults (about 60 minutes on 2 CPU cores; resumable).
+# The evaluation (README "Evaluation") on SmolLM2 + the shipped defaults: hours on 2 CPU cores at the small scale; resumable, cached in .bench-cache/.
 bench-eval: setup
 	$(BIN)/python -m benchmarks.run --scale small
 

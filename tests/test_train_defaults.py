@@ -17,7 +17,8 @@ def test_pipeline_ships_a_loadable_adapter_only_composite(tmp_path):
     argv = ["--work_dir", str(tmp_path / "work"), "--output_dir", str(out), "--idd_output_dir", str(idd),
             "--gsm_questions", "2", "--arith_questions_per_task", "1", "--max_new_tokens", "6",
             "--ddd_steps", "2", "--osd_steps", "1", "--batch_size", "4", "--lora_r", "2",
-            "--eu_head_questions", "arith_add_mul=2", "--eu_head_more_questions", "arith_chain_sum=1",
+            "--eu_head_questions", "arith_add_mul=2", "--eu_head_more_sets", "2100:arith_chain_sum=1",
+            "2200:arith_products=1",
             "--eu_head_num_perturbed", "2", "--eu_head_epochs", "1",
             "--eu_head_max_new_tokens", "6", "--eu_head_exclude", str(tmp_path / "none.json")]
     train_defaults(argv)
@@ -41,7 +42,17 @@ def test_pipeline_ships_a_loadable_adapter_only_composite(tmp_path):
     result = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(result.sequences, target.generate(**inputs, max_new_tokens=4, do_sample=False))
     assert model.config.estimator == "eu_head" and model.eu_head.info["tokens"] > 0
-    assert len(model.eu_head.info["data"]) == 2 and len(json.load(open(out / "eu_head_questions.json"))) == 3
+    questions = json.load(open(out / "eu_head_questions.json"))  # three folders, none repeating an earlier question
+    assert len(model.eu_head.info["data"]) == 3 and len(questions) == len(set(questions)) == 4
     assert torch.isfinite(result.epistemic_uncertainty).all() and (result.epistemic_uncertainty > 0).all()
     drafts_eu = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, estimator="hf_eu")
     assert (drafts_eu.eu_variance > 0).any()
+
+
+def test_more_eu_head_sets_need_a_seed():
+    from trainers.train_defaults import _seeded_set
+
+    assert _seeded_set("2200:gsm_symbolic=120") == (2200, "gsm_symbolic=120")
+    for bad in ("gsm_symbolic=120", "x:gsm_symbolic=1", "2200:"):
+        with pytest.raises(ValueError, match="SEED:preset=count"):
+            _seeded_set(bad)

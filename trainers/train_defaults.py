@@ -15,8 +15,9 @@ Stages, each skipped on a rerun once finished (an interrupted trainer resumes fr
 5. OSD: the proxy, a LoRA adapter on all of the target's layers (so it starts at the target, which is
    already close to the BMA; a 4-layer proxy measured 2.4 nats from the BMA against the target's 0.15),
    trained on forward KL to a freshly perturbed target;
-6. EU head: the target's greedy answers to their own training questions (two folders: reasoning-gym seeds 2000
-   and 2100, the second without the first's texts), their 16-copy ground-truth EU
+6. EU head: the target's greedy answers to their own training questions (five folders: reasoning-gym seeds 2000,
+   2100, 2200, 2300 and 2400, each without the earlier folders' texts; `eu_head_more_sets`), their 16-copy
+   ground-truth EU
    (perturbation seeds 20000+, apart from the evaluation's) and features (`trainers.eu_head_data`), then
    `EUHeadTrainer` (`trainers.run_eu_head`); it becomes the composite's default estimator `eu_head`;
 7. the composite is saved to `hf_eu/defaults/smollm2-135m-instruct/` (adapters only: the base is
@@ -81,11 +82,13 @@ class DefaultsArguments:
     eu_head_questions: str = field(default="gsm_symbolic=72,arith_chain_sum=60,arith_products=60,arith_basic=60,"
                                            "arith_add_mul=30",
                                    metadata={"help": "EU-head training questions, preset=count,... ('' skips the stage)."})
-    eu_head_more_questions: str = field(default="gsm_symbolic=80,arith_chain_sum=50,arith_products=50,arith_basic=50,"
-                                                "arith_add_mul=30",
-                                        metadata={"help": "A second set of EU-head questions from `eu_head_more_seed` "
-                                                          "(none of the first set's), preset=count,... ('' skips it)."})
-    eu_head_more_seed: int = field(default=2100, metadata={"help": "reasoning-gym seed of the second set."})
+    eu_head_more_sets: list[str] = field(default_factory=lambda: [
+        "2100:gsm_symbolic=80,arith_chain_sum=50,arith_products=50,arith_basic=50,arith_add_mul=30",
+        "2200:gsm_symbolic=120",
+        "2300:arith_chain_sum=32,arith_products=32,arith_basic=32,arith_add_mul=32",
+        "2400:gsm_symbolic=96"],
+        metadata={"help": "More EU-head data folders, each 'SEED:preset=count,...' (a reasoning-gym seed ≥ 1000): "
+                          "folder k + 1 holds none of the questions of folders 1 … k."})
     eu_head_exclude: list[str] = field(default_factory=lambda: ["benchmarks/results/small/questions.json"],
                                        metadata={"help": "Question files the EU head must not train on (the evaluation's)."})
     eu_head_num_perturbed: int = field(default=16, metadata={"help": "Perturbed copies of the head's ground truth."})
@@ -174,6 +177,14 @@ def _rounded(loss: float | None) -> float | None:
     return None if loss is None else round(loss, 3)
 
 
+def _seeded_set(spec: str) -> tuple[int, str]:
+    """'SEED:preset=count,...' -> (seed, 'preset=count,...')."""
+    seed, _, questions = spec.partition(":")
+    if not seed.strip().isdigit() or not questions:
+        raise ValueError(f"`eu_head_more_sets` entries are 'SEED:preset=count,...', got {spec!r}.")
+    return int(seed), questions
+
+
 def _eu_head(target, args: DefaultsArguments, log: dict):
     """Stage 6: the EU head's data and training (see the module docstring); None when skipped."""
     from .eu_head_config import EUHeadConfig
@@ -187,10 +198,11 @@ def _eu_head(target, args: DefaultsArguments, log: dict):
     common = dict(exclude_questions=exclude, batch_size=args.batch_size, num_perturbed=args.eu_head_num_perturbed,
                   max_new_tokens=args.eu_head_max_new_tokens, rank=args.perturbation_rank, sigma=args.perturbation_sigma)
     data_args = [EUHeadDataArguments(output_dir=data_dir, questions_per_task=args.eu_head_questions, **common)]
-    if args.eu_head_more_questions:  # a second folder: other seed, none of the first folder's questions
-        more = dict(common, exclude_questions=exclude + [os.path.join(data_dir, "questions.json")])
-        data_args.append(EUHeadDataArguments(output_dir=data_dir + "-2", questions_per_task=args.eu_head_more_questions,
-                                             question_seed=args.eu_head_more_seed, **more))
+    for number, spec in enumerate(args.eu_head_more_sets, start=2):  # other seeds, none of the earlier questions
+        seed, questions = _seeded_set(spec)
+        earlier = [os.path.join(a.output_dir, "questions.json") for a in data_args]
+        data_args.append(EUHeadDataArguments(output_dir=f"{data_dir}-{number}", questions_per_task=questions,
+                                             question_seed=seed, **dict(common, exclude_questions=exclude + earlier)))
     config = EUHeadConfig(output_dir=output_dir, num_train_epochs=args.eu_head_epochs, per_device_train_batch_size=256,
                           learning_rate=3e-3, seed=args.seed, report_to=[], save_strategy="no", logging_steps=50,
                           disable_tqdm=True, use_cpu=True)
