@@ -146,7 +146,9 @@ def main() -> None:
     log = json.load(open(os.path.join(args.composite, "train_log.json")))
     sizes = [os.path.getsize(os.path.join(d, f)) for root in (args.composite, args.idd)
              for d, _, fs in os.walk(root) for f in fs]
-    result.update(train_seconds=log["train_seconds"], defaults_megabytes=round(sum(sizes) / 2**20, 2),
+    composite_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.composite) for f in fs)
+    result.update(train_seconds=log["train_seconds"], defaults_mib=round(sum(sizes) / 2**20, 2),
+                  composite_mib=round(composite_bytes / 2**20, 2),
                   held_out_questions=len(answers), command=command("benchmarks.training"),
                   machine=machine())
     write_result(result, args.out)

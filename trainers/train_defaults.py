@@ -13,7 +13,8 @@ Stages, each skipped on a rerun once finished (an interrupted trainer resumes fr
 3. DDD: K drafts = LoRA adapters on the target's first layers, draft k trained on partition k only;
 4. IDD (ablation, shipped separately): the same drafts all trained on partition 0;
 5. OSD: the proxy, a LoRA adapter on all of the target's layers (so it starts at the target, which is
-   already close to the BMA; a 4-layer proxy measured 2.4 nats from the BMA against the target's 0.15),
+   already close to the BMA; a 4-layer proxy trained the same way ended farther from it than the raw target,
+   a run whose figures are in no results file),
    trained on forward KL to a freshly perturbed target;
 6. EU head: the target's greedy answers to their own training questions (five folders: reasoning-gym seeds 2000,
    2100, 2200, 2300 and 2400, each without the earlier folders' texts; `eu_head_more_sets`), their 16-copy
