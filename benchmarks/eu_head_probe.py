@@ -29,9 +29,10 @@ INPUT_SETS = {"target features": (), "+ draft variance": ("draft_variance",), "+
               "+ proxy entropy": ("proxy_entropy",), "+ all three": EXTRA}
 
 
-def _composite_scores(model, folder: str, fingerprint: str) -> np.ndarray:
-    """`(tokens, 3)` draft variance, draft bias and proxy entropy of every answer token of `folder`, cached."""
-    from trainers.eu_head_data import load_data
+def _composite_scores(model, folder: str, answer_index: np.ndarray, fingerprint: str) -> np.ndarray:
+    """`(tokens, 3)` draft variance, draft bias and proxy entropy of every answer token of `folder` (in the order
+    of `answer_index`, `load_data`'s), cached; one teacher-forced pass per answer for both estimators."""
+    from hf_eu import get_estimator, score_tokens_many
 
     cache = os.path.join(folder, "probe_composite_scores.npz")
     if os.path.isfile(cache):
@@ -39,16 +40,16 @@ def _composite_scores(model, folder: str, fingerprint: str) -> np.ndarray:
         if str(stored["fingerprint"]) == fingerprint:
             return stored["scores"]
     rows = json.load(open(os.path.join(folder, "answers.json")))
-    order = np.unique(load_data(folder)["answer_index"])  # load_data's answer order
+    estimators = [get_estimator("hf_eu"), get_estimator("proxy_entropy")]
     per_answer = []
-    for index in order.tolist():
+    for index in np.unique(answer_index).tolist():
         row = rows[index]
         ids = torch.tensor([row["prompt_ids"] + row["answer_ids"]])
         with torch.no_grad():
-            drafts = model.estimate_uncertainty(ids, prompt_length=len(row["prompt_ids"]), estimator="hf_eu")
-            proxy = model.estimate_uncertainty(ids, prompt_length=len(row["prompt_ids"]), estimator="proxy_entropy")
-        per_answer.append(np.stack([drafts.eu_variance[0].numpy(), drafts.eu_bias[0].numpy(),
-                                    proxy.epistemic_uncertainty[0].numpy()], 1))  # (T, 3)
+            out = score_tokens_many(estimators, ids, len(row["prompt_ids"]), drafts=model.drafts, proxy=model.proxy,
+                                    target=model.target)
+        per_answer.append(np.stack([out["hf_eu"].eu_variance[0].numpy(), out["hf_eu"].eu_bias[0].numpy(),
+                                    out["proxy_entropy"].epistemic_uncertainty[0].numpy()], 1))  # (T, 3)
     scores = np.concatenate(per_answer)
     np.savez(cache + ".tmp.npz", scores=scores, fingerprint=np.array(fingerprint))
     os.replace(cache + ".tmp.npz", cache)
@@ -84,9 +85,9 @@ def main() -> None:
     parts, extra = [], []
     for number, folder in enumerate(args.data_dir):
         part = load_data(folder)
+        extra.append(_composite_scores(model, folder, part["answer_index"], fingerprint))
         part["answer_index"] = part["answer_index"] + 1_000_000 * number  # answers of folders stay apart
         parts.append(part)
-        extra.append(_composite_scores(model, folder, fingerprint))
     data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
     extra = np.log(np.maximum(np.concatenate(extra), 1e-8))  # (N, 3)
     base = np.concatenate([data["values"], data["topk_logps"][:, :8]], 1)  # (N, F + 8)

@@ -144,10 +144,9 @@ def main() -> None:
     result.update(assisted_timing(target, model.drafts[best], tokenizer, questions[:6], args.max_new_tokens))
 
     log = json.load(open(os.path.join(args.composite, "train_log.json")))
-    sizes = [os.path.getsize(os.path.join(d, f)) for root in (args.composite, args.idd)
-             for d, _, fs in os.walk(root) for f in fs]
-    composite_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(args.composite) for f in fs)
-    result.update(train_seconds=log["train_seconds"], defaults_mib=round(sum(sizes) / 2**20, 2),
+    composite_bytes, idd_bytes = (sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(root) for f in fs)
+                                  for root in (args.composite, args.idd))
+    result.update(train_seconds=log["train_seconds"], defaults_mib=round((composite_bytes + idd_bytes) / 2**20, 2),
                   composite_mib=round(composite_bytes / 2**20, 2),
                   held_out_questions=len(answers), command=command("benchmarks.training"),
                   machine=machine())
