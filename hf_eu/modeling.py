@@ -36,7 +36,7 @@ from .loading import (
     load_local_tokenizer,
 )
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
-from .scoring import reads_only_features, score_recorded, score_tokens
+from .scoring import reads_only_features, score_features_pass, score_recorded, score_tokens
 from .perturbation import LowRankGaussianPerturbation
 from .answer_risk import AnswerRiskDetector, answer_features
 from .eu_features import TargetFeatureRecorder, teacher_forced_features, token_confidence
@@ -307,7 +307,9 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         pad_token_id = kwargs.get("pad_token_id", generation_config.pad_token_id)
         features = recorder.generated(sequences.shape[1] - prompt_length, sequences.shape[0]) if recorder else None
         full_mask = full_attention_mask(kwargs.get("attention_mask"), sequences, prompt_length, input_ids.shape[0])
-        if features is not None:  # the target's own decoding passes gave every token's features: no scoring pass
+        if features is None and reads_only_features(chosen):  # beam, assisted, …: one pass serves EU and answer risk
+            features = score_features_pass(self.target, sequences, prompt_length, full_mask, self.config.chunk_size)
+        if features is not None:  # every token's features, from the decoding passes or the one fallback pass
             mask = generated_token_mask(sequences[:, prompt_length:], eos_token_id, pad_token_id)
             scores = score_recorded(chosen, features, mask, eu_head=self.eu_head, calibrator=self.calibrator)
         else:

@@ -34,7 +34,7 @@ from torch import nn
 from ._cache import cache_argument, continues_in_chunks, output_cache
 from ._validation import check_chunk_size, check_finite_scores, check_token_inputs, warn_beyond_context
 from .estimators import Estimator
-from .eu_features import TargetFeatureRecorder
+from .eu_features import TargetFeatureRecorder, teacher_forced_features
 from .loading import output_vocab_size
 from .outputs import UncertaintyOutput
 from .perturbation import LowRankGaussianPerturbation
@@ -284,6 +284,17 @@ def _score_chunks(estimators, roles, runners, logps, names, input_ids, prompt_le
                                 estimator.name)
             _store(results[estimator.name], output, start - (prompt_length - 1), batch_size, num_new)
     return results
+
+
+def score_features_pass(target: nn.Module, input_ids: torch.Tensor, prompt_length: int,
+                        attention_mask: torch.Tensor | None, chunk_size: int | None = None,
+                        max_chunk_elements: int = DEFAULT_MAX_CHUNK_ELEMENTS):
+    """The target's `TargetFeatures` `(batch, seq_len - prompt_length)` from one teacher-forced pass, chunked like
+    `score_tokens` (for decoding modes whose calls do not map onto tokens; they also feed the answer risk)."""
+    check_chunk_size(chunk_size)
+    chunk_size = chunk_size or _auto_chunk_size(2, input_ids.shape[0], output_vocab_size(target), max_chunk_elements)
+    return teacher_forced_features(target, input_ids, prompt_length, attention_mask=attention_mask,
+                                   chunk_size=chunk_size)
 
 
 def reads_only_features(estimator: Estimator) -> bool:

@@ -142,6 +142,32 @@ def test_generate_returns_the_detectors_risk(risky_model, batch, tmp_path):
     assert_close(loaded.generate(**batch, max_new_tokens=5, return_dict_in_generate=True).answer_risk, out.answer_risk)
 
 
+def test_beam_search_scores_and_risks_from_one_target_pass(risky_model, batch):
+    """Beam search (and assisted decoding) cannot use the recorded passes: one teacher-forced pass of the target
+    serves both the EU head and the detector (it used to run twice), with the same values as the reference."""
+    from hf_eu.eu_features import teacher_forced_features, token_confidence
+
+    model, detector = risky_model
+    model.detector = detector
+    calls = []
+    handle = model.target.register_forward_hook(lambda module, args, output: calls.append(1))
+    try:
+        model.target.generate(**batch, max_new_tokens=4, num_beams=2)
+        decoding = len(calls)
+        out = model.generate(**batch, max_new_tokens=4, num_beams=2, return_dict_in_generate=True)
+    finally:
+        handle.remove()
+    width = batch["input_ids"].shape[1]
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, width:])], 1)
+    assert len(calls) - 2 * decoding == 2  # the prompt's prefill and one chunk over the 4 answer tokens
+    features = teacher_forced_features(model.target, out.sequences, width, attention_mask=mask)
+    token_logps, entropy, max_probs = token_confidence(features, out.sequences[:, width:])
+    expected = detector(answer_features(out.epistemic_uncertainty, token_logps, entropy, max_probs, out.uncertainty_mask))
+    assert_close(out.answer_risk, expected, atol=1e-5, rtol=1e-4)
+    reference = model.estimate_uncertainty(out.sequences, mask, prompt_length=width)
+    assert_close(out.epistemic_uncertainty, reference.epistemic_uncertainty * out.uncertainty_mask, atol=1e-5, rtol=1e-4)
+
+
 def test_pipeline_and_score_rows_carry_the_risk(risky_model, tmp_path):
     import json
 
