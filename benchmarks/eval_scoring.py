@@ -47,6 +47,8 @@ def estimator_names(models: Models) -> list[str]:
         names += ["gaussian_distill", "gaussian_distill_sampled"]
     if models.eu_head is not None:
         names.append("eu_head")
+        if getattr(models.eu_head, "proxy_head", None) is not None and models.proxy is not None:
+            names.append("eu_head_proxy")
     return names
 
 

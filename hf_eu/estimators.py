@@ -337,3 +337,20 @@ def gaussian_distill_sampled(student_logits: torch.Tensor, student_factor_logits
 def eu_head(target_features, eu_head) -> EstimatorOutput:
     """EUHead(features) ≥ 0 in nats (`hf_eu.eu_head`); no draft, proxy or extra target pass."""
     return EstimatorOutput(score=eu_head(target_features).float())
+
+
+@register_estimator(
+    "eu_head_proxy",
+    inputs={"features", "reference", "eu_head"},
+    description="The EU head's variant that also reads the OSD proxy's predictive entropy (`EUHead.proxy_head`): "
+                "one proxy pass more than eu_head.",
+    working_copies=1,
+)
+def eu_head_proxy(target_features, reference_logps: torch.Tensor, eu_head) -> EstimatorOutput:
+    """proxy_head([features, H(proxy)]) ≥ 0 in nats; H is `divergences.entropy` of the proxy's log-probs `(N, V)`."""
+    from .eu_head import with_proxy_entropy
+
+    if getattr(eu_head, "proxy_head", None) is None:
+        raise ValueError("Estimator 'eu_head_proxy' reads the EU head's proxy variant, and this head has none; load a "
+                         "composite whose head carries one or pick 'eu_head'.")
+    return EstimatorOutput(score=eu_head.proxy_head(with_proxy_entropy(target_features, entropy(reference_logps))).float())

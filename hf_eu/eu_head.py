@@ -14,8 +14,12 @@ state and computes, over the target's renormalized top-k distribution p̃, the F
 — exactly the quantity a perturbation of δh along a_j would produce. A ReLU perceptron maps the
 standardized [features, log v] to log EU; the output is exp(·), in nats, ≥ 0.
 
+A head may carry a `proxy_head`: a second head of the same kind whose inputs also hold the OSD proxy's predictive
+entropy at each position (column `PROXY_ENTROPY`, last), for the estimator `eu_head_proxy`, which pays the proxy's
+pass for it. It is saved inside the same folder (config key `proxy_head`, weights under `proxy_head.`).
+
 The head keeps a reference to the target's output-head weight (`attach`), never a copy: a composite
-stores only `eu_head/config.json` and `eu_head/model.safetensors` (a few hundred kB). Training lives in
+stores only `eu_head/config.json` and `eu_head/model.safetensors` (about 80 kB per head). Training lives in
 `trainers/eu_head_trainer.py`; this module only evaluates, saves and loads.
 """
 
@@ -31,11 +35,19 @@ from torch import nn
 
 from .eu_features import TargetFeatures
 
-__all__ = ["EUHead", "EU_HEAD_FOLDER", "fisher_variances"]
+__all__ = ["EUHead", "EU_HEAD_FOLDER", "PROXY_ENTROPY", "fisher_variances", "with_proxy_entropy"]
 
 EU_HEAD_FOLDER = "eu_head"
 _CONFIG = "config.json"
 _WEIGHTS = "model.safetensors"
+PROXY_ENTROPY = "proxy_entropy"  # the extra input column of a `proxy_head`
+_KNOWN = ("feature_names", "hidden_size", "num_directions", "hidden_sizes", "top_k", "info")
+
+
+def with_proxy_entropy(features: TargetFeatures, proxy_entropy: torch.Tensor) -> TargetFeatures:
+    """`features` `(N, ·)` with the proxy's entropy `(N,)` (nats) appended to `values`: a `proxy_head`'s inputs."""
+    values = torch.cat([features.values.float(), proxy_entropy.float().to(features.values.device)[:, None]], -1)
+    return TargetFeatures(values, features.topk_ids, features.topk_logps)  # values (N, F + 1)
 
 
 def fisher_variances(topk_logps: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
@@ -86,6 +98,21 @@ class EUHead(nn.Module):
         layers.append(nn.Linear(previous, 1))
         self.mlp = nn.Sequential(*layers)
         self._attached = ()  # (the target's output head weight (V, D),): a tuple, so it is no parameter of the head
+        self.proxy_head: EUHead | None = None  # the variant reading the proxy's entropy too (`eu_head_proxy`)
+
+    def set_proxy_head(self, head: "EUHead | None") -> "EUHead":
+        """Carry `head` (trained on this head's inputs plus `PROXY_ENTROPY`) as the `proxy_head`; returns self."""
+        if head is not None:
+            if not isinstance(head, EUHead) or head.proxy_head is not None:
+                raise TypeError(f"`proxy_head` must be an EUHead without a proxy head of its own, got {head!r:.80}.")
+            if head.feature_names != self.feature_names + [PROXY_ENTROPY] or head.hidden_size != self.hidden_size:
+                raise ValueError(f"A proxy head reads this head's features plus {PROXY_ENTROPY!r} for the same target; "
+                                 f"got features {head.feature_names[-3:]} (last three) and hidden size "
+                                 f"{head.hidden_size}. Train it with `run_eu_head --proxy_from COMPOSITE`.")
+            if self._attached:
+                head.attach_weight(self._attached[0])
+        self.proxy_head = head
+        return self
 
     def attach(self, target: nn.Module) -> "EUHead":
         """Read the target's output-head weight (by reference) for the Fisher variances; returns self."""
@@ -93,7 +120,13 @@ class EUHead(nn.Module):
         if weight.shape[1] != self.hidden_size:
             raise ValueError(f"This EU head was built for a hidden size of {self.hidden_size}; the target's output "
                              f"head has {weight.shape[1]}. Train a head for this target (trainers.EUHeadTrainer).")
+        return self.attach_weight(weight)
+
+    def attach_weight(self, weight: torch.Tensor) -> "EUHead":
+        """`attach` with the output-head weight `(V, D)` itself (also attaches the proxy head)."""
         self._attached = (weight,)
+        if self.proxy_head is not None:
+            self.proxy_head.attach_weight(weight)
         return self
 
     @property
@@ -127,9 +160,19 @@ class EUHead(nn.Module):
 
     # ----------------------------------------------------------------- storage
     def config_dict(self) -> dict[str, Any]:
-        return {"feature_names": self.feature_names, "hidden_size": self.hidden_size,
-                "num_directions": self.num_directions, "hidden_sizes": list(self.hidden_sizes),
-                "top_k": self.top_k, "info": self.info}
+        config = {"feature_names": self.feature_names, "hidden_size": self.hidden_size,
+                  "num_directions": self.num_directions, "hidden_sizes": list(self.hidden_sizes),
+                  "top_k": self.top_k, "info": self.info}
+        if self.proxy_head is not None:
+            config["proxy_head"] = self.proxy_head.config_dict()
+        return config
+
+    @classmethod
+    def _from_config(cls, config: dict[str, Any]) -> "EUHead":
+        head = cls(**{k: (tuple(v) if k == "hidden_sizes" else v) for k, v in config.items() if k in _KNOWN})
+        if config.get("proxy_head") is not None:
+            head.set_proxy_head(cls._from_config(config["proxy_head"]))
+        return head
 
     def save(self, folder: str | os.PathLike) -> None:
         """Write `config.json` + `model.safetensors` into `folder` (each written aside, then renamed)."""
@@ -149,8 +192,6 @@ class EUHead(nn.Module):
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise FileNotFoundError(f"EU head folder {folder!r} lacks {missing}; save one with `EUHead.save`.")
-        config = json.load(open(paths[0]))
-        known = {"feature_names", "hidden_size", "num_directions", "hidden_sizes", "top_k", "info"}
-        head = cls(**{k: (tuple(v) if k == "hidden_sizes" else v) for k, v in config.items() if k in known})
+        head = cls._from_config(json.load(open(paths[0])))
         head.load_state_dict(load_file(paths[1]))
         return head.eval()

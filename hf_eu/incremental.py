@@ -124,7 +124,7 @@ class IncrementalScorer:
         if "draft" in self.roles and not self.roles["draft"]:
             raise ValueError(f"Estimator '{self.estimator.name}' reads the drafts but `drafts` is empty.")
         self.calibrator = calibrator
-        _check_eu_head(self.estimator, eu_head)
+        _check_eu_head(self.estimator, eu_head, proxy)
         self.eu_head = eu_head
         self.target = target
         self._names = _part_names({self.estimator.name: self.roles}, list(drafts or []), proxy)  # key -> "draft 0", …

@@ -36,7 +36,7 @@ from .loading import (
     load_local_tokenizer,
 )
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
-from .scoring import reads_only_features, score_features_pass, score_recorded, score_tokens
+from .scoring import _check_eu_head, reads_only_features, score_features_pass, score_recorded, score_tokens
 from .perturbation import LowRankGaussianPerturbation
 from .answer_risk import AnswerRiskDetector, answer_features
 from .eu_features import TargetFeatureRecorder, teacher_forced_features, token_confidence
@@ -276,6 +276,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
 
     def _generate(self, inputs: torch.Tensor | None, assistant_draft: int | None, estimator: str | None, kwargs: dict):
         chosen = get_estimator(estimator or self.config.estimator)
+        _check_eu_head(chosen, self.eu_head, self.proxy)  # a missing head is refused before any token
         generation_config = kwargs.get("generation_config") or self.target.generation_config
         return_dict = kwargs.get("return_dict_in_generate", generation_config.return_dict_in_generate)
         if kwargs.get("max_new_tokens", getattr(generation_config, "max_new_tokens", None)) == 0:

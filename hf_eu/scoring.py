@@ -232,7 +232,7 @@ def score_tokens_many(
         if "calibrator" in estimator.inputs and calibrator is None:
             raise ValueError(f"Estimator '{estimator.name}' needs a fitted calibrator, and this composite has none. "
                              "Load a composite saved with one (the shipped default has it) or pick another estimator.")
-        _check_eu_head(estimator, eu_head)
+        _check_eu_head(estimator, eu_head, proxy)
     # One runner per distinct (model, perturbation seed): the target may serve as reference and as target.
     runners = {key: _ChunkedForward(model, input_ids, attention_mask, position_ids, *noise)
                for estimator_roles in roles.values() for members in estimator_roles.values()
@@ -341,11 +341,21 @@ def _run_chunk(runner: _ChunkedForward, start: int, end: int, recorder: TargetFe
     return SimpleNamespace(target_features=features)
 
 
-def _check_eu_head(estimator: Estimator, eu_head: nn.Module | None) -> None:
+def _check_eu_head(estimator: Estimator, eu_head: nn.Module | None, proxy: Any = None) -> None:
+    """Refuse, before any pass, an estimator reading an EU head the composite lacks (or its proxy variant, which
+    also needs the proxy: a head trained on the proxy's entropy must not read the target's instead)."""
     if "eu_head" in estimator.inputs and eu_head is None:
         raise ValueError(f"Estimator '{estimator.name}' reads a distilled EU head, and this composite has none. Load a "
                          "composite saved with one (the shipped default has it), train one with "
                          "`trainers.EUHeadTrainer`, or pick another estimator.")
+    if "eu_head" in estimator.inputs and "reference" in estimator.inputs:
+        if getattr(eu_head, "proxy_head", None) is None:
+            raise ValueError(f"Estimator '{estimator.name}' reads the EU head's proxy variant, and this composite's head "
+                             "has none: train one with `python -m trainers.run_eu_head --proxy_from COMPOSITE` "
+                             "(`EUHead.set_proxy_head`) or pick 'eu_head'.")
+        if proxy is None:
+            raise ValueError(f"Estimator '{estimator.name}' reads the OSD proxy's entropy, and no proxy was given; pass "
+                             "the composite's proxy or pick 'eu_head'.")
 
 
 def _store(results: dict[str, torch.Tensor], output, column: int, batch_size: int, num_new: int) -> None:

@@ -65,7 +65,7 @@ class RecordedFeatureScorer:
     def __init__(self, eu_model: Any, estimator: str | None = None):
         self.eu_model = eu_model
         self.estimator = get_estimator(estimator or eu_model.config.estimator)
-        _check_eu_head(self.estimator, eu_model.eu_head)
+        _check_eu_head(self.estimator, eu_model.eu_head, eu_model.proxy)
         self.recorder = TargetFeatureRecorder(eu_model.target)
         self._entered = False
         self._history: torch.Tensor | None = None  # (1, L) everything fed so far

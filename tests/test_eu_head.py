@@ -267,3 +267,109 @@ def test_streaming_reads_the_generating_passes(head_model):
     assisted = _stream(head_model, EUTextIteratorStreamer(Digits(), head_model), inputs, max_new_tokens=6,
                        min_new_tokens=6, do_sample=False, assistant_draft=0)
     assert_close(torch.tensor(assisted), reference.epistemic_uncertainty[0], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------ the proxy head (estimator eu_head_proxy)
+def _proxy_head(target, seed=1):
+    from hf_eu.eu_head import PROXY_ENTROPY
+
+    torch.manual_seed(seed)
+    head = EUHead(feature_names(target) + [PROXY_ENTROPY], target.config.hidden_size, num_directions=2,
+                  hidden_sizes=(6,), top_k=5)
+    with torch.no_grad():
+        for parameter in head.mlp.parameters():
+            parameter.normal_(0, 0.5)
+        head.input_std.uniform_(0.5, 2.0)
+    return head.eval()
+
+
+@pytest.fixture()
+def proxy_head_model(target, drafts, proxy):
+    head = _head(target).set_proxy_head(_proxy_head(target))
+    return UncertaintyAwareModelForCausalLM.from_pretrained(target, drafts=drafts, proxy=proxy, estimator="eu_head",
+                                                            eu_head=head)
+
+
+def test_proxy_head_reads_the_proxys_entropy(proxy_head_model, batch):
+    """eu_head_proxy = proxy_head([features, H(proxy)]), with H from a plain float64 proxy forward, in generate and
+    estimate_uncertainty alike; the plain eu_head is unchanged by carrying a proxy head."""
+    model = proxy_head_model
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                         estimator="eu_head_proxy")
+    width = batch["input_ids"].shape[1]
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, width:])], 1)
+    features = teacher_forced_features(model.target, out.sequences, width, attention_mask=mask)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model.proxy(input_ids=out.sequences, attention_mask=mask, position_ids=positions).logits.double()
+        logps = logits[:, width - 1 : -1].log_softmax(-1)  # (B, T, V) predicting the new tokens
+        proxy_entropy = -(logps.exp() * logps).sum(-1)  # (B, T)
+        values = torch.cat([features.values, proxy_entropy.float()[..., None]], -1)  # (B, T, F + 1)
+        expected = model.eu_head.proxy_head(TargetFeatures(values.flatten(0, 1), features.topk_ids.flatten(0, 1),
+                                                           features.topk_logps.flatten(0, 1))).view(2, -1)
+    assert_close(out.epistemic_uncertainty, expected * out.uncertainty_mask, atol=1e-5, rtol=1e-4)
+    again = model.estimate_uncertainty(out.sequences, mask, prompt_length=width, estimator="eu_head_proxy")
+    assert_close(again.epistemic_uncertainty, expected, atol=1e-5, rtol=1e-4)
+    plain = model.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    bare = UncertaintyAwareModelForCausalLM.from_pretrained(model.target, drafts=list(model.drafts), proxy=model.proxy,
+                                                            estimator="eu_head", eu_head=_head(model.target))
+    reference = bare.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    assert torch.equal(plain.epistemic_uncertainty, reference.epistemic_uncertainty)
+    assert not torch.allclose(plain.epistemic_uncertainty, out.epistemic_uncertainty)
+
+
+def test_proxy_head_round_trips_and_is_refused_where_it_cannot_work(proxy_head_model, head_model, target, batch,
+                                                                   tmp_path):
+    model = proxy_head_model
+    model.save_pretrained(tmp_path / "composite")
+    loaded = UncertaintyAwareModelForCausalLM.from_pretrained(tmp_path / "composite", target=target)
+    assert loaded.eu_head.proxy_head is not None
+    for name, tensor in model.eu_head.state_dict().items():
+        assert torch.equal(loaded.eu_head.state_dict()[name], tensor)
+    first = model.generate(**batch, max_new_tokens=3, return_dict_in_generate=True, estimator="eu_head_proxy")
+    second = loaded.generate(**batch, max_new_tokens=3, return_dict_in_generate=True, estimator="eu_head_proxy")
+    assert_close(first.epistemic_uncertainty, second.epistemic_uncertainty)
+    calls, handle = _count_calls(head_model.target)
+    try:  # a head without a proxy head: refused before any token is generated
+        with pytest.raises(ValueError, match="proxy variant"):
+            head_model.generate(**batch, max_new_tokens=3, return_dict_in_generate=True, estimator="eu_head_proxy")
+    finally:
+        handle.remove()
+    assert not calls
+    no_proxy = UncertaintyAwareModelForCausalLM.from_pretrained(target, drafts=list(model.drafts), estimator="eu_head",
+                                                                eu_head=_head(target).set_proxy_head(_proxy_head(target)))
+    with pytest.raises(ValueError, match="no proxy was given"):
+        no_proxy.estimate_uncertainty(batch["input_ids"], batch["attention_mask"], prompt_length=3,
+                                      estimator="eu_head_proxy")
+    with pytest.raises(ValueError, match="proxy_entropy"):
+        _head(target).set_proxy_head(_head(target, seed=2))  # a head without the proxy column
+    with pytest.raises(TypeError, match="proxy head of its own"):
+        _head(target).set_proxy_head(_head(target).set_proxy_head(_proxy_head(target)))
+
+
+def test_proxy_entropy_column_is_the_proxys_entropy_and_is_cached(target, proxy, tmp_path):
+    import json
+
+    from trainers.eu_head_data import proxy_entropy_column
+
+    rows = [{"prompt_ids": [1, 7, 11], "answer_ids": [3, 9, 4]}, {"prompt_ids": [1, 5], "answer_ids": []},
+            {"prompt_ids": [2, 6, 8, 10], "answer_ids": [12, 14]}]
+    (tmp_path / "answers.json").write_text(json.dumps(rows))
+    answer_index = np.array([0, 0, 0, 2, 2])
+    column = proxy_entropy_column(str(tmp_path), target, proxy, answer_index)
+    expected = []
+    for row in (rows[0], rows[2]):
+        ids = torch.tensor([row["prompt_ids"] + row["answer_ids"]])
+        with torch.no_grad():
+            logps = proxy(input_ids=ids).logits.double()[0, len(row["prompt_ids"]) - 1 : -1].log_softmax(-1)
+        expected += (-(logps.exp() * logps).sum(-1)).tolist()
+    np.testing.assert_allclose(column, expected, atol=1e-5)
+    calls, handle = _count_calls(proxy)
+    try:
+        again = proxy_entropy_column(str(tmp_path), target, proxy, answer_index)
+    finally:
+        handle.remove()
+    assert not calls and np.array_equal(again, column)  # read from the cache
+    other = tiny_llama(seed=9)
+    np.testing.assert_raises(AssertionError, np.testing.assert_allclose,
+                             proxy_entropy_column(str(tmp_path), target, other, answer_index), column, 1e-6)

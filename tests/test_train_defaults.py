@@ -45,6 +45,10 @@ def test_pipeline_ships_a_loadable_adapter_only_composite(tmp_path):
     questions = json.load(open(out / "eu_head_questions.json"))  # three folders, none repeating an earlier question
     assert len(model.eu_head.info["data"]) == 3 and len(questions) == len(set(questions)) == 4
     assert torch.isfinite(result.epistemic_uncertainty).all() and (result.epistemic_uncertainty > 0).all()
+    assert model.eu_head.proxy_head is not None and model.eu_head.proxy_head.info["tokens"] == model.eu_head.info["tokens"]
+    with_proxy = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                                estimator="eu_head_proxy")
+    assert torch.isfinite(with_proxy.epistemic_uncertainty).all() and (with_proxy.epistemic_uncertainty > 0).all()
     drafts_eu = model.generate(**inputs, max_new_tokens=4, do_sample=False, return_dict_in_generate=True, estimator="hf_eu")
     assert (drafts_eu.eu_variance > 0).any()
 

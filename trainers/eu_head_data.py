@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from hf_eu.fingerprint import model_fingerprint
 
-__all__ = ["EUHeadDataArguments", "build_questions", "build_data", "load_data"]
+__all__ = ["EUHeadDataArguments", "build_questions", "build_data", "load_data", "proxy_entropy_column"]
 
 
 @dataclass
@@ -242,6 +242,34 @@ def load_data(folder: str, allow_partial: bool = False) -> dict[str, np.ndarray]
         index.append(np.concatenate([np.full(len(rows[i]["answer_ids"]), i) for i in batch]))
     return {**{name: np.concatenate(parts) for name, parts in features.items()},
             "ground_truth": np.concatenate(truth), "answer_index": np.concatenate(index)}
+
+
+def proxy_entropy_column(folder: str, target, proxy, answer_index: np.ndarray) -> np.ndarray:
+    """`(N,)` the OSD proxy's predictive entropy (nats) at the position predicting each answer token of `folder`, in
+    the order of `load_data`'s `answer_index`: the extra input of a `proxy_head` (estimator `eu_head_proxy`).
+
+    Computed by the library's own `proxy_entropy` estimator (one teacher-forced proxy pass per answer) and cached
+    in `folder/proxy_entropy.npz`, keyed by the proxy's fingerprint (another proxy recomputes it).
+    """
+    from hf_eu import get_estimator, score_tokens_many
+
+    rows = json.load(open(os.path.join(folder, "answers.json")))
+    cache, fingerprint = os.path.join(folder, "proxy_entropy.npz"), model_fingerprint(proxy)
+    stored = dict(np.load(cache)) if os.path.isfile(cache) else {}
+    if str(stored.get("fingerprint", "")) != fingerprint:
+        stored = {"fingerprint": np.array(fingerprint)}
+    wanted = [int(i) for i in np.unique(answer_index) if f"row_{int(i)}" not in stored]
+    for index in tqdm(wanted, desc="proxy entropy", disable=not wanted):
+        row = rows[index]
+        ids = torch.tensor([row["prompt_ids"] + row["answer_ids"]])
+        with torch.no_grad():
+            out = score_tokens_many([get_estimator("proxy_entropy")], ids, len(row["prompt_ids"]), drafts=[],
+                                    proxy=proxy, target=target)
+        stored[f"row_{index}"] = out["proxy_entropy"].epistemic_uncertainty[0].double().numpy()  # (T,)
+    if wanted:
+        _write(cache, lambda path: np.savez(path, **stored))
+    starts = np.r_[0, np.nonzero(np.diff(answer_index))[0] + 1]  # each answer's rows are contiguous
+    return np.concatenate([stored[f"row_{int(answer_index[s])}"] for s in starts]).astype(np.float32)
 
 
 def main(argv=None) -> None:

@@ -9,6 +9,11 @@ Usage (the shipped head; data from `python -m trainers.eu_head_data`, training a
         --composite hf_eu/defaults/smollm2-135m-instruct --composite_output_dir .train-defaults/eu-head-composite \\
         --num_train_epochs 30 --per_device_train_batch_size 256 --learning_rate 3e-3
 
+The variant that also reads the OSD proxy's entropy (estimator `eu_head_proxy`, one proxy pass more): add
+`--proxy_from hf_eu/defaults/smollm2-135m-instruct` (the composite whose proxy it reads; its entropy on every
+training token is computed once per folder and cached there); with `--composite`, the trained head becomes the
+composite head's `proxy_head` and the composite's own head is kept.
+
 On a GPU, for your own target: generate the data with `--target your/model` (the 16 perturbed passes are the
 cost; a few thousand answers take minutes on one GPU), then train here with `--target your/model`; the head
 trains in seconds either way.
@@ -24,10 +29,10 @@ import numpy as np
 from transformers import HfArgumentParser
 
 from hf_eu.eu_features import feature_names
-from hf_eu.eu_head import EUHead
+from hf_eu.eu_head import PROXY_ENTROPY, EUHead
 
 from .eu_head_config import EUHeadConfig
-from .eu_head_data import load_data
+from .eu_head_data import load_data, proxy_entropy_column
 from .eu_head_trainer import EUHeadTrainer, eu_head_dataset, set_input_statistics
 from .script_utils import load_target
 
@@ -49,6 +54,8 @@ class EUHeadScriptArguments:
     seed_split: int = field(default=0, metadata={"help": "Seed of the holdout split."})
     allow_partial: bool = field(default=False, metadata={"help": "Train on the finished batches of an unfinished "
                                                                    "data folder (recorded in the head's info)."})
+    proxy_from: str | None = field(default=None, metadata={
+        "help": "Composite whose OSD proxy's entropy is an extra input: trains the `proxy_head` of `eu_head_proxy`."})
 
 
 def _split(data: dict[str, np.ndarray], fraction: float, seed: int):
@@ -72,10 +79,24 @@ def _validation(head: EUHead, rows: dict[str, np.ndarray]) -> dict[str, float]:
             "rmse": round(float(np.sqrt(np.mean((predicted - truth) ** 2))), 5)}
 
 
-def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig) -> EUHead:
-    """Train a head on `script.data_dir` (see the module docstring); returns it, attached to the target."""
+def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig, proxy=None) -> EUHead:
+    """Train a head on `script.data_dir` (see the module docstring); returns it, attached to the target.
+
+    With `script.proxy_from` (a composite folder) or `proxy` (the OSD proxy itself), the head is a proxy head: its
+    inputs end with the proxy's entropy (`PROXY_ENTROPY`), for `EUHead.set_proxy_head` and `eu_head_proxy`.
+    """
     target = load_target(script.target)
     parts = [load_data(folder, allow_partial=script.allow_partial) for folder in script.data_dir]
+    names = feature_names(target)
+    if script.proxy_from and proxy is None:
+        proxy = _composite(script.proxy_from, target).proxy
+        if proxy is None:
+            raise ValueError(f"The composite {script.proxy_from!r} has no proxy; `--proxy_from` needs one.")
+    if proxy is not None:
+        for folder, part in zip(script.data_dir, parts):
+            column = proxy_entropy_column(folder, target, proxy, part["answer_index"])  # (N,)
+            part["values"] = np.concatenate([part["values"], column[:, None]], 1)  # (N, F + 1)
+        names = names + [PROXY_ENTROPY]
     for number, part in enumerate(parts):  # answers of different folders stay apart in the holdout split
         part["answer_index"] = part["answer_index"] + 1_000_000 * number
     data = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
@@ -88,8 +109,9 @@ def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig) -> EUHead
             "loss": {"log_loss_weight": config.log_loss_weight, "raw_loss_weight": config.raw_loss_weight,
                      "eu_floor": config.eu_floor},
             "steps": {"epochs": config.num_train_epochs, "batch_size": config.per_device_train_batch_size,
-                      "learning_rate": config.learning_rate, "seed": config.seed}}
-    head = EUHead(feature_names(target), target.get_output_embeddings().weight.shape[1], script.num_directions,
+                      "learning_rate": config.learning_rate, "seed": config.seed},
+            **({"proxy_from": script.proxy_from or "the composite's proxy"} if proxy is not None else {})}
+    head = EUHead(names, target.get_output_embeddings().weight.shape[1], script.num_directions,
                   tuple(script.hidden_sizes), top_k=train_rows["topk_ids"].shape[1], info=info).attach(target)
     dataset = eu_head_dataset(train_rows)
     set_input_statistics(head, dataset)
@@ -103,13 +125,20 @@ def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig) -> EUHead
     return head
 
 
-def _add_to_composite(head: EUHead, composite: str, output_dir: str) -> None:
+def _composite(folder: str, target):
     from hf_eu import UncertaintyAwareModelForCausalLM
-    from hf_eu.embedded import load_embedded_target
 
-    target, _ = load_embedded_target()
-    model = UncertaintyAwareModelForCausalLM.from_pretrained(composite, target=target)
-    model.eu_head = head.attach(model.target)
+    return UncertaintyAwareModelForCausalLM.from_pretrained(folder, target=target)
+
+
+def _add_to_composite(head: EUHead, composite: str, output_dir: str, target_name: str = "embedded") -> None:
+    model = _composite(composite, load_target(target_name))
+    if PROXY_ENTROPY in head.feature_names:  # a proxy head joins the composite's head
+        if model.eu_head is None:
+            raise ValueError(f"The composite {composite!r} has no EU head to carry this proxy head; add one first.")
+        model.eu_head.set_proxy_head(head)
+    else:
+        model.eu_head = head.attach(model.target)
     model.save_pretrained(output_dir)
     print(f"composite with the EU head saved in {output_dir}")
 
@@ -120,7 +149,7 @@ def main(argv=None) -> None:
         raise ValueError(f"`holdout_fraction` must be in [0, 1), got {script.holdout_fraction}.")
     head = train_eu_head(script, config)
     if script.composite and script.composite_output_dir:
-        _add_to_composite(head, script.composite, script.composite_output_dir)
+        _add_to_composite(head, script.composite, script.composite_output_dir, script.target)
     if config.push_to_hub:
         raise ValueError("Push the composite (`UncertaintyAwareModelForCausalLM.push_to_hub`), not the head alone.")
 

@@ -16,11 +16,12 @@ Stages, each skipped on a rerun once finished (an interrupted trainer resumes fr
    already close to the BMA; a 4-layer proxy trained the same way ended farther from it than the raw target,
    a run whose figures are in no results file),
    trained on forward KL to a freshly perturbed target;
-6. EU head: the target's greedy answers to their own training questions (five folders: reasoning-gym seeds 2000,
-   2100, 2200, 2300 and 2400, each without the earlier folders' texts; `eu_head_more_sets`), their 16-copy
+6. EU head: the target's greedy answers to their own training questions (eight folders: reasoning-gym seeds 2000,
+   2100, 2200, …, 2700, each without the earlier folders' texts; `eu_head_more_sets`), their 16-copy
    ground-truth EU
    (perturbation seeds 20000+, apart from the evaluation's) and features (`trainers.eu_head_data`), then
-   `EUHeadTrainer` (`trainers.run_eu_head`); it becomes the composite's default estimator `eu_head`;
+   `EUHeadTrainer` (`trainers.run_eu_head`); it becomes the composite's default estimator `eu_head`; then its
+   proxy head on the same data plus the stage-5 proxy's entropy (estimator `eu_head_proxy`; `--eu_head_proxy`);
 7. the composite is saved to `hf_eu/defaults/smollm2-135m-instruct/` (adapters only: the base is
    rebuilt from the target) with `train_log.json`, `train_settings.json`, `train_questions.json` and
    `eu_head_questions.json` (the exact training texts, which the evaluation excludes) beside the weights.
@@ -87,9 +88,14 @@ class DefaultsArguments:
         "2100:gsm_symbolic=80,arith_chain_sum=50,arith_products=50,arith_basic=50,arith_add_mul=30",
         "2200:gsm_symbolic=120",
         "2300:arith_chain_sum=32,arith_products=32,arith_basic=32,arith_add_mul=32",
-        "2400:gsm_symbolic=96"],
+        "2400:gsm_symbolic=96",
+        "2500:gsm_symbolic=96",
+        "2600:gsm_symbolic=96",
+        "2700:gsm_symbolic=96"],
         metadata={"help": "More EU-head data folders, each 'SEED:preset=count,...' (a reasoning-gym seed ≥ 1000): "
                           "folder k + 1 holds none of the questions of folders 1 … k."})
+    eu_head_proxy: bool = field(default=True, metadata={
+        "help": "Also train the EU head's proxy head on the same data (estimator eu_head_proxy)."})
     eu_head_exclude: list[str] = field(default_factory=lambda: ["benchmarks/results/small/questions.json"],
                                        metadata={"help": "Question files the EU head must not train on (the evaluation's)."})
     eu_head_num_perturbed: int = field(default=16, metadata={"help": "Perturbed copies of the head's ground truth."})
@@ -186,15 +192,10 @@ def _seeded_set(spec: str) -> tuple[int, str]:
     return int(seed), questions
 
 
-def _eu_head(target, args: DefaultsArguments, log: dict):
-    """Stage 6: the EU head's data and training (see the module docstring); None when skipped."""
-    from .eu_head_config import EUHeadConfig
-    from .eu_head_data import EUHeadDataArguments, build_data
-    from .run_eu_head import EUHeadScriptArguments, train_eu_head
+def _eu_head_data_args(args: DefaultsArguments, data_dir: str) -> list:
+    """The EU head's data folders: `data_dir`, then `data_dir-2` … for `eu_head_more_sets`."""
+    from .eu_head_data import EUHeadDataArguments
 
-    if not args.eu_head_questions:
-        return None
-    data_dir, output_dir = os.path.join(args.work_dir, "eu-head-data"), os.path.join(args.work_dir, "eu-head")
     exclude = [path for path in args.eu_head_exclude if os.path.isfile(path)]
     common = dict(exclude_questions=exclude, batch_size=args.batch_size, num_perturbed=args.eu_head_num_perturbed,
                   max_new_tokens=args.eu_head_max_new_tokens, rank=args.perturbation_rank, sigma=args.perturbation_sigma)
@@ -204,9 +205,27 @@ def _eu_head(target, args: DefaultsArguments, log: dict):
         earlier = [os.path.join(a.output_dir, "questions.json") for a in data_args]
         data_args.append(EUHeadDataArguments(output_dir=f"{data_dir}-{number}", questions_per_task=questions,
                                              question_seed=seed, **dict(common, exclude_questions=exclude + earlier)))
-    config = EUHeadConfig(output_dir=output_dir, num_train_epochs=args.eu_head_epochs, per_device_train_batch_size=256,
-                          learning_rate=3e-3, seed=args.seed, report_to=[], save_strategy="no", logging_steps=50,
-                          disable_tqdm=True, use_cpu=True)
+    return data_args
+
+
+def _eu_head(target, args: DefaultsArguments, log: dict, proxy=None):
+    """Stage 6: the EU head's data and training, then its proxy head (reading `proxy`'s entropy too, estimator
+    `eu_head_proxy`) unless `eu_head_proxy` is off; None when skipped."""
+    from .eu_head_config import EUHeadConfig
+    from .eu_head_data import build_data
+    from .run_eu_head import EUHeadScriptArguments, train_eu_head
+
+    if not args.eu_head_questions:
+        return None
+    data_dir, output_dir = os.path.join(args.work_dir, "eu-head-data"), os.path.join(args.work_dir, "eu-head")
+    data_args = _eu_head_data_args(args, data_dir)
+
+    def head_config(folder: str) -> EUHeadConfig:
+        return EUHeadConfig(output_dir=folder, num_train_epochs=args.eu_head_epochs, per_device_train_batch_size=256,
+                            learning_rate=3e-3, seed=args.seed, report_to=[], save_strategy="no", logging_steps=50,
+                            disable_tqdm=True, use_cpu=True)
+
+    config = head_config(output_dir)
     heads = {}
 
     def run():
@@ -218,10 +237,21 @@ def _eu_head(target, args: DefaultsArguments, log: dict):
         return {"data_seconds": round(data_seconds, 1), "tokens": heads["head"].info["tokens"]}
 
     log["eu_head"] = _stage(output_dir, run)
-    if "head" not in heads:  # finished by an earlier run
-        from hf_eu.eu_head import EU_HEAD_FOLDER, EUHead
+    from hf_eu.eu_head import EU_HEAD_FOLDER, EUHead
 
+    if "head" not in heads:  # finished by an earlier run
         heads["head"] = EUHead.load(os.path.join(output_dir, EU_HEAD_FOLDER))
+    if args.eu_head_proxy and proxy is not None:
+        proxy_dir = output_dir + "-proxy"
+        proxy_config = head_config(proxy_dir)
+
+        def run_proxy():
+            heads["proxy"] = train_eu_head(EUHeadScriptArguments(data_dir=[a.output_dir for a in data_args]),
+                                           proxy_config, proxy=proxy)
+            return {"tokens": heads["proxy"].info["tokens"]}
+
+        log["eu_head_proxy"] = _stage(proxy_dir, run_proxy)
+        heads["head"].set_proxy_head(heads.get("proxy") or EUHead.load(os.path.join(proxy_dir, EU_HEAD_FOLDER)))
     return heads["head"], [q for a in data_args for q in json.load(open(os.path.join(a.output_dir, "questions.json")))]
 
 
@@ -301,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     proxy = _trained_student(target, proxy_layers, output_dir)
 
     # ------------------------------------------------------------ 6. EU head
-    eu_head = _eu_head(target, args, log)
+    eu_head = _eu_head(target, args, log, proxy)
 
     # ----------------------------------------------------------- 7. composite
     # the from-scratch cost: every stage's own measured time, however many reruns it took to finish them
