@@ -8,9 +8,10 @@ import torch
 from hf_eu import aggregate_uncertainty, load_default
 
 # The shipped composite's EU of its greedy answer "2 + 3 = 5<|im_end|>" to "What is 2 + 3?" (eu_head, the default;
-# hf_eu, the drafts' estimate): a silent fallback to untrained drafts, a missing proxy or another head changes them.
+# eu_head_proxy, its proxy head; hf_eu, the drafts' estimate): a silent fallback to untrained drafts, a missing proxy or another head changes them.
 # Recompute after retraining the defaults (python -m trainers.train_defaults / trainers.run_eu_head).
-SHIPPED_EU_HEAD = [0.1918, 0.0831, 0.0036, 0.0038, 0.1464, 0.0487, 0.1695, 0.1787]
+SHIPPED_EU_HEAD = [0.1942, 0.0635, 0.0050, 0.0059, 0.1471, 0.0581, 0.1462, 0.1783]
+SHIPPED_EU_HEAD_PROXY = [0.1725, 0.0423, 0.0053, 0.0063, 0.1532, 0.0471, 0.0360, 0.1704]  # its proxy head
 SHIPPED_HF_EU = [5.9177, 5.0288, 1.5767, 4.9547, 4.9001, 0.1770, 4.5272, 4.8239]
 
 
@@ -31,6 +32,9 @@ def test_load_default_loads_the_shipped_parts(shipped):
     out = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     assert tokenizer.decode(out.sequences[0, inputs["input_ids"].shape[1]:]) == "2 + 3 = 5<|im_end|>"
     torch.testing.assert_close(out.epistemic_uncertainty[0], torch.tensor(SHIPPED_EU_HEAD), atol=2e-3, rtol=1e-2)
+    proxy = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                           estimator="eu_head_proxy")
+    torch.testing.assert_close(proxy.epistemic_uncertainty[0], torch.tensor(SHIPPED_EU_HEAD_PROXY), atol=2e-3, rtol=1e-2)
     drafts = model.generate(**inputs, max_new_tokens=8, do_sample=False, return_dict_in_generate=True, estimator="hf_eu")
     torch.testing.assert_close(drafts.epistemic_uncertainty[0], torch.tensor(SHIPPED_HF_EU), atol=2e-3, rtol=1e-3)
     torch.testing.assert_close(drafts.epistemic_uncertainty, drafts.eu_variance + drafts.eu_bias)

@@ -318,6 +318,21 @@ def test_proxy_head_reads_the_proxys_entropy(proxy_head_model, batch):
     assert not torch.allclose(plain.epistemic_uncertainty, out.epistemic_uncertainty)
 
 
+def test_streaming_the_proxy_head_equals_generate(proxy_head_model):
+    from hf_eu import EUTextIteratorStreamer
+
+    class Digits:
+        def decode(self, ids, **kwargs):
+            return "".join(f"<{i}>" for i in ids)
+
+    inputs = {"input_ids": torch.tensor([[1, 7, 11, 3]])}
+    args = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    streamed = _stream(proxy_head_model, EUTextIteratorStreamer(Digits(), proxy_head_model, estimator="eu_head_proxy"),
+                       inputs, **args)
+    reference = proxy_head_model.generate(**inputs, **args, return_dict_in_generate=True, estimator="eu_head_proxy")
+    assert_close(torch.tensor(streamed), reference.epistemic_uncertainty[0], atol=1e-5, rtol=1e-4)
+
+
 def test_proxy_head_round_trips_and_is_refused_where_it_cannot_work(proxy_head_model, head_model, target, batch,
                                                                    tmp_path):
     model = proxy_head_model

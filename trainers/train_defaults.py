@@ -16,8 +16,8 @@ Stages, each skipped on a rerun once finished (an interrupted trainer resumes fr
    already close to the BMA; a 4-layer proxy trained the same way ended farther from it than the raw target,
    a run whose figures are in no results file),
    trained on forward KL to a freshly perturbed target;
-6. EU head: the target's greedy answers to their own training questions (eight folders: reasoning-gym seeds 2000,
-   2100, 2200, …, 2700, each without the earlier folders' texts; `eu_head_more_sets`), their 16-copy
+6. EU head: the target's greedy answers to their own training questions (seven folders: reasoning-gym seeds 2000,
+   2100, 2200, …, 2600, each without the earlier folders' texts; `eu_head_more_sets`), their 16-copy
    ground-truth EU
    (perturbation seeds 20000+, apart from the evaluation's) and features (`trainers.eu_head_data`), then
    `EUHeadTrainer` (`trainers.run_eu_head`); it becomes the composite's default estimator `eu_head`; then its
@@ -90,8 +90,7 @@ class DefaultsArguments:
         "2300:arith_chain_sum=32,arith_products=32,arith_basic=32,arith_add_mul=32",
         "2400:gsm_symbolic=96",
         "2500:gsm_symbolic=96",
-        "2600:gsm_symbolic=96",
-        "2700:gsm_symbolic=96"],
+        "2600:gsm_symbolic=96"],
         metadata={"help": "More EU-head data folders, each 'SEED:preset=count,...' (a reasoning-gym seed ≥ 1000): "
                           "folder k + 1 holds none of the questions of folders 1 … k."})
     eu_head_proxy: bool = field(default=True, metadata={
