@@ -292,7 +292,8 @@ def score_features_pass(target: nn.Module, input_ids: torch.Tensor, prompt_lengt
     """The target's `TargetFeatures` `(batch, seq_len - prompt_length)` from one teacher-forced pass, chunked like
     `score_tokens` (for decoding modes whose calls do not map onto tokens; they also feed the answer risk)."""
     check_chunk_size(chunk_size)
-    chunk_size = chunk_size or _auto_chunk_size(2, input_ids.shape[0], output_vocab_size(target), max_chunk_elements)
+    copies = 2  # the chunk's raw logits and their float32 log-softmax in `output_features`
+    chunk_size = chunk_size or _auto_chunk_size(copies, input_ids.shape[0], output_vocab_size(target), max_chunk_elements)
     return teacher_forced_features(target, input_ids, prompt_length, attention_mask=attention_mask,
                                    chunk_size=chunk_size)
 
