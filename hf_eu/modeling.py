@@ -293,7 +293,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         if assistant_draft is not None:
             self._attach_assistant(kwargs, assistant_draft, input_ids)
         eu_criteria = prepare_eu_criteria(kwargs, input_ids, generation_config)
-        recorder = (TargetFeatureRecorder(self.target) if return_dict and reads_only_features(chosen)
+        recorder = (TargetFeatureRecorder(self.target) if return_dict and "features" in chosen.inputs
                     and decodes_token_by_token(kwargs, generation_config) else None)
         with recorder if recorder is not None else nullcontext():
             output = self.target.generate(inputs, **kwargs)
@@ -310,11 +310,12 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         full_mask = full_attention_mask(kwargs.get("attention_mask"), sequences, prompt_length, input_ids.shape[0])
         if features is None and reads_only_features(chosen):  # beam, assisted, …: one pass serves EU and answer risk
             features = score_features_pass(self.target, sequences, prompt_length, full_mask, self.config.chunk_size)
-        if features is not None:  # every token's features, from the decoding passes or the one fallback pass
+        if features is not None and reads_only_features(chosen):  # from the decoding passes or the one fallback pass
             mask = generated_token_mask(sequences[:, prompt_length:], eos_token_id, pad_token_id)
             scores = score_recorded(chosen, features, mask, eu_head=self.eu_head, calibrator=self.calibrator)
-        else:
-            scores = self._score_generated(chosen, sequences, prompt_length, full_mask, eos_token_id, pad_token_id)
+        else:  # other models run after decoding; recorded features spare the target's pass (eu_head_proxy)
+            scores = self._score_generated(chosen, sequences, prompt_length, full_mask, eos_token_id, pad_token_id,
+                                           features)
         scores.answer_risk = self._answer_risk(chosen.name, scores, sequences, prompt_length, full_mask, features)
         output_class = (UncertaintyGenerateBeamOutput if isinstance(output, GenerateBeamDecoderOnlyOutput)
                         else UncertaintyGenerateOutput)
@@ -334,13 +335,13 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         kwargs["assistant_model"] = self.drafts[assistant_draft]
 
     def _score_generated(self, estimator, sequences, prompt_length, full_mask, eos_token_id,
-                         pad_token_id) -> UncertaintyOutput:
+                         pad_token_id, features=None) -> UncertaintyOutput:
         new_tokens = sequences[:, prompt_length:]  # (R, T)
         return score_tokens(
             estimator, sequences, prompt_length,
             drafts=self.drafts, proxy=self.proxy, target=self.target, attention_mask=full_mask,
             uncertainty_mask=generated_token_mask(new_tokens, eos_token_id, pad_token_id),
-            chunk_size=self.config.chunk_size, **self._scoring_extras(estimator),
+            chunk_size=self.config.chunk_size, target_features=features, **self._scoring_extras(estimator),
         )
 
     def _answer_risk(self, estimator_name: str, scores: UncertaintyOutput, sequences: torch.Tensor,

@@ -188,6 +188,7 @@ def score_tokens_many(
     student: nn.Module | None = None,
     calibrator: Any = None,
     eu_head: nn.Module | None = None,
+    target_features: Any = None,
 ) -> dict[str, UncertaintyOutput]:
     """Several estimators in one teacher-forced pass: each model (or perturbed copy) runs once for all.
 
@@ -211,6 +212,9 @@ def score_tokens_many(
         calibrator: the fitted calibrator, for estimators reading ``"calibrator"``.
         eu_head: the distilled `EUHead`, for estimators reading ``"eu_head"``; their ``"features"`` are
             recorded from the target's own pass (`eu_features.TargetFeatureRecorder`).
+        target_features: those features already recorded while decoding, `TargetFeatures` of shape
+            `(batch_size, seq_len - prompt_length)`: then the target runs for none of them (it still runs when an
+            estimator reads its log-probs).
 
     Returns:
         `{estimator name: UncertaintyOutput}`, tensors of shape `(batch_size, seq_len - prompt_length)`.
@@ -233,19 +237,21 @@ def score_tokens_many(
             raise ValueError(f"Estimator '{estimator.name}' needs a fitted calibrator, and this composite has none. "
                              "Load a composite saved with one (the shipped default has it) or pick another estimator.")
         _check_eu_head(estimator, eu_head, proxy)
+    _use_recorded_features(roles, target_features, batch_size, seq_len - prompt_length)
     # One runner per distinct (model, perturbation seed): the target may serve as reference and as target.
     runners = {key: _ChunkedForward(model, input_ids, attention_mask, position_ids, *noise)
                for estimator_roles in roles.values() for members in estimator_roles.values()
-               for key, model, noise in members}
+               for key, model, noise in members if model is not None}
     names = _part_names(roles, drafts, proxy)
     warn_beyond_context({names[key]: runner.model for key, runner in runners.items()}, seq_len)
     logps = _ChunkLogps(_logp_keys(roles), _first_device(runners))
-    copies = _peak_copies(estimators, len(logps.slots), student, "features" in set().union(*roles.values()))
+    records = target_features is None and "features" in set().union(*roles.values())
+    copies = _peak_copies(estimators, len(logps.slots), student, records)
     chunk_size = chunk_size or _auto_chunk_size(copies, batch_size, output_vocab_size(target), max_chunk_elements)
-    recorder = TargetFeatureRecorder(target) if any("features" in e.inputs for e in estimators) else None
+    recorder = TargetFeatureRecorder(target) if records else None
     with torch.no_grad(), recorder or nullcontext(), recorder.pause() if recorder else nullcontext():
         results = _score_chunks(estimators, roles, runners, logps, names, input_ids, prompt_length, chunk_size,
-                                recorder, id(target), calibrator=calibrator, eu_head=eu_head)
+                                recorder, id(target), recorded=target_features, calibrator=calibrator, eu_head=eu_head)
     mask = uncertainty_mask.to(torch.bool).cpu()
     return {name: _masked_output(values, mask) for name, values in results.items()}
 
@@ -261,7 +267,7 @@ def _check_arguments(estimators, input_ids, prompt_length, attention_mask, uncer
 
 
 def _score_chunks(estimators, roles, runners, logps, names, input_ids, prompt_length, chunk_size, recorder,
-                  target_key, **extras) -> dict[str, dict[str, torch.Tensor]]:
+                  target_key, recorded=None, **extras) -> dict[str, dict[str, torch.Tensor]]:
     """Prefill every runner, then score the answer chunk by chunk: `{estimator: {field: (B, num_new)}}`."""
     batch_size, seq_len = input_ids.shape
     num_new = seq_len - prompt_length
@@ -276,6 +282,9 @@ def _score_chunks(estimators, roles, runners, logps, names, input_ids, prompt_le
         for key, runner in runners.items():
             outputs[key] = _run_chunk(runner, start, end, recorder if key == target_key else None,
                                       logps if key in logps.slots else None, key)
+        if recorded is not None:  # features recorded while decoding, at this chunk's positions
+            columns = slice(start - (prompt_length - 1), end - (prompt_length - 1))
+            outputs[_RECORDED] = SimpleNamespace(target_features=recorded.map(lambda t: t[:, columns]))  # (B, C, ·)
         for estimator in estimators:
             estimator_roles = roles[estimator.name]
             output = estimator(**_chunk_arguments(estimator_roles, outputs, device, logps), token_ids=token_ids,
@@ -340,6 +349,21 @@ def _run_chunk(runner: _ChunkedForward, start: int, end: int, recorder: TargetFe
         return output
     logps.fill(key, output.logits)
     return SimpleNamespace(target_features=features)
+
+
+_RECORDED = "recorded target features"  # the runner key standing for features given to `score_tokens_many`
+
+
+def _use_recorded_features(roles: dict, target_features: Any, batch_size: int, num_new: int) -> None:
+    """Point every estimator's ``"features"`` role at the given recorded features (no model runs for it)."""
+    if target_features is None:
+        return
+    if tuple(target_features.values.shape[:2]) != (batch_size, num_new):
+        raise ValueError(f"`target_features` cover {tuple(target_features.values.shape[:2])} (batch, tokens); the "
+                         f"sequences to score have {(batch_size, num_new)}. Pass the features of exactly these tokens.")
+    for estimator_roles in roles.values():
+        if "features" in estimator_roles:
+            estimator_roles["features"] = [(_RECORDED, None, ())]
 
 
 def _check_eu_head(estimator: Estimator, eu_head: nn.Module | None, proxy: Any = None) -> None:

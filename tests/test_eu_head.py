@@ -294,9 +294,14 @@ def test_proxy_head_reads_the_proxys_entropy(proxy_head_model, batch):
     """eu_head_proxy = proxy_head([features, H(proxy)]), with H from a plain float64 proxy forward, in generate and
     estimate_uncertainty alike; the plain eu_head is unchanged by carrying a proxy head."""
     model = proxy_head_model
-    out = model.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
-                         estimator="eu_head_proxy")
+    calls, handle = _count_calls(model.target)
+    try:
+        out = model.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True,
+                             estimator="eu_head_proxy")
+    finally:
+        handle.remove()
     width = batch["input_ids"].shape[1]
+    assert len(calls) == out.sequences.shape[1] - width  # the features come from the decoding passes: only the proxy runs
     mask = torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, width:])], 1)
     features = teacher_forced_features(model.target, out.sequences, width, attention_mask=mask)
     positions = (mask.cumsum(-1) - 1).clamp_min(0)
@@ -316,6 +321,33 @@ def test_proxy_head_reads_the_proxys_entropy(proxy_head_model, batch):
     reference = bare.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     assert torch.equal(plain.epistemic_uncertainty, reference.epistemic_uncertainty)
     assert not torch.allclose(plain.epistemic_uncertainty, out.epistemic_uncertainty)
+
+
+def test_score_tokens_reads_recorded_features_instead_of_running_the_target(proxy_head_model, batch):
+    from hf_eu import get_estimator, score_tokens_many
+
+    model = proxy_head_model
+    width = batch["input_ids"].shape[1]
+    out = model.generate(**batch, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    mask = torch.cat([batch["attention_mask"], torch.ones_like(out.sequences[:, width:])], 1)
+    features = teacher_forced_features(model.target, out.sequences, width, attention_mask=mask)
+    estimators = [get_estimator("eu_head_proxy"), get_estimator("entropy")]
+    common = dict(drafts=list(model.drafts), proxy=model.proxy, target=model.target, attention_mask=mask,
+                  eu_head=model.eu_head, chunk_size=3)
+    computed = score_tokens_many(estimators, out.sequences, width, **common)
+    calls, handle = _count_calls(model.target)
+    try:
+        given = score_tokens_many(estimators[:1], out.sequences, width, target_features=features, **common)
+    finally:
+        handle.remove()
+    assert not calls  # the proxy ran, the target did not
+    assert_close(given["eu_head_proxy"].epistemic_uncertainty, computed["eu_head_proxy"].epistemic_uncertainty,
+                 atol=1e-5, rtol=1e-4)
+    with_target = score_tokens_many(estimators, out.sequences, width, target_features=features, **common)
+    assert_close(with_target["entropy"].epistemic_uncertainty, computed["entropy"].epistemic_uncertainty)  # still run
+    with pytest.raises(ValueError, match="target_features"):
+        score_tokens_many(estimators[:1], out.sequences, width, target_features=features.map(lambda t: t[:, :2]),
+                          **common)
 
 
 def test_streaming_the_proxy_head_equals_generate(proxy_head_model):
