@@ -21,10 +21,14 @@ from conftest import PAD_ID, tiny_llama
 torch.set_num_threads(1)
 
 
-def _head(target, seed=0, num_directions=3):
+def _head(target, seed=0, num_directions=3, proxy=False):
+    """A random head for `target` (with `proxy`, a proxy head: its inputs end with the proxy's entropy)."""
+    from hf_eu.eu_head import PROXY_ENTROPY
+
     torch.manual_seed(seed)
-    head = EUHead(feature_names(target), target.config.hidden_size, num_directions=num_directions,
-                  hidden_sizes=(8,), top_k=5).attach(target)
+    names = feature_names(target) + ([PROXY_ENTROPY] if proxy else [])
+    head = EUHead(names, target.config.hidden_size, num_directions=num_directions, hidden_sizes=(8,),
+                  top_k=5).attach(target)
     with torch.no_grad():
         for parameter in head.mlp.parameters():
             parameter.normal_(0, 0.5)
@@ -271,16 +275,7 @@ def test_streaming_reads_the_generating_passes(head_model):
 
 # ------------------------------------------------------------------ the proxy head (estimator eu_head_proxy)
 def _proxy_head(target, seed=1):
-    from hf_eu.eu_head import PROXY_ENTROPY
-
-    torch.manual_seed(seed)
-    head = EUHead(feature_names(target) + [PROXY_ENTROPY], target.config.hidden_size, num_directions=2,
-                  hidden_sizes=(6,), top_k=5)
-    with torch.no_grad():
-        for parameter in head.mlp.parameters():
-            parameter.normal_(0, 0.5)
-        head.input_std.uniform_(0.5, 2.0)
-    return head.eval()
+    return _head(target, seed, num_directions=2, proxy=True)
 
 
 @pytest.fixture()
