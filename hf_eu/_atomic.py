@@ -19,7 +19,7 @@ import socket
 import tempfile
 from collections.abc import Iterator
 
-__all__ = ["atomic_output", "replace_folder", "recover_folder", "remove_stale_siblings", "owner_tag",
+__all__ = ["atomic_output", "replace_folder", "replace_entries", "recover_folder", "remove_stale_siblings", "owner_tag",
            "sibling_prefix"]
 
 
@@ -137,6 +137,35 @@ def replace_folder(staging: str | os.PathLike, folder: str | os.PathLike) -> Non
             os.rename(aside, folder)  # put the old folder back at once
         raise
     shutil.rmtree(aside, ignore_errors=True)
+
+
+def replace_entries(staging: str | os.PathLike, folder: str | os.PathLike, *, last: str | None = None,
+                    remove: list[str] | tuple[str, ...] = ()) -> None:
+    """Move every entry of the complete folder `staging` into the existing `folder`, leaving its other entries.
+
+    Each entry replaces its namesake atomically (`os.replace` for a file; a folder goes through
+    `replace_folder`), the entry named `last` after all others; then the entries named in `remove` are
+    deleted, and `staging` (empty by then) too. For a folder that also holds files its writer does not own.
+    """
+    staging, folder = os.path.abspath(os.fspath(staging)), os.path.abspath(os.fspath(folder))
+    names = sorted(os.listdir(staging), key=lambda name: (name == last, name))
+    for name in names:
+        source, destination = os.path.join(staging, name), os.path.join(folder, name)
+        if os.path.isdir(source) and not os.path.islink(source):
+            if os.path.lexists(destination) and not os.path.isdir(destination):
+                os.unlink(destination)
+            replace_folder(source, destination)
+        else:
+            if os.path.isdir(destination) and not os.path.islink(destination):
+                shutil.rmtree(destination)
+            os.replace(source, destination)
+    for name in remove:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        elif os.path.lexists(path):
+            os.unlink(path)
+    os.rmdir(staging)
 
 
 def recover_folder(folder: str | os.PathLike) -> bool:

@@ -36,6 +36,8 @@ class UncertaintyAwareConfig(PretrainedConfig):
         has_student (`bool`): whether a Gaussian-distilled student (estimators `gaussian_distill*`) is stored.
         has_detector (`bool`): whether a fitted `AnswerRiskDetector` (`answer_risk`) is stored under `detector/`.
         has_eu_head (`bool`): whether a distilled `EUHead` (estimator `eu_head`) is stored under `eu_head/`.
+        has_target_weights (`bool`): whether the fine-tuned target's weights are stored (`model.safetensors`,
+            keys `target.`; see `hf_eu.target_weights`); they are loaded over the recorded target.
         student (`dict`, *optional*): the student's settings: its head's shapes (`hidden_size`,
             `num_factors`, `intermediate_size`) and `backbone` (`{"kind": "target"}`: the target itself,
             nothing stored; `{"kind": "saved"}`: stored under `student/backbone/`).
@@ -61,6 +63,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         has_student: bool = False,
         has_eu_head: bool = False,
         has_detector: bool = False,
+        has_target_weights: bool = False,
         student: dict[str, Any] | None = None,
         estimator: str = "hf_eu",
         chunk_size: int | None = None,
@@ -81,6 +84,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         self.has_student = has_student
         self.has_eu_head = has_eu_head
         self.has_detector = has_detector
+        self.has_target_weights = has_target_weights
         self.student = student or {}
         self.estimator = estimator
         self.chunk_size = chunk_size
@@ -100,6 +104,16 @@ class UncertaintyAwareConfig(PretrainedConfig):
         if target_config is not None and not name.startswith("__"):
             return getattr(target_config, name)
         raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        """Setting an attribute this config lacks but the target's has (`use_cache`, which `Trainer` sets) sets the
+        target's, the one that is read back and that the target runs with; the composite's own keys stay here."""
+        target_config = self.__dict__.get("_target_config")
+        if (target_config is not None and not name.startswith("_") and name not in self.__dict__
+                and not hasattr(type(self), name) and hasattr(target_config, name)):
+            setattr(target_config, name, value)
+            return
+        super().__setattr__(name, value)
 
     def attach_target_config(self, target_config) -> None:
         """Let reads of attributes this config lacks fall through to `target_config` (never saved)."""

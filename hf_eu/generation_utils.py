@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from transformers.generation import GenerationMode
 
-__all__ = ["generated_token_mask", "decodes_token_by_token", "full_attention_mask", "check_left_padded", "TARGET_API"]
+__all__ = ["generated_token_mask", "decodes_token_by_token", "full_attention_mask", "check_left_padded", "TARGET_API",
+           "target_attribute"]
 
 
 def check_left_padded(mask: torch.Tensor | None, name: str) -> None:
@@ -33,6 +34,12 @@ TARGET_API = frozenset({
     "supports_gradient_checkpointing", "prepare_inputs_for_generation", "loss_function", "vocab_size",
     "base_model",  # the backbone: TRL's fused LM head (SFTTrainer) runs it, then `get_output_embeddings`
     "loss_type",  # Trainer counts `num_items_in_batch` over shifted labels only for a causal-LM loss
+    # `PreTrainedModel` methods the wrapper inherits that must act on the target, not on the composite:
+    "activation_checkpointing_enable", "activation_checkpointing_disable", "is_activation_checkpointing",
+    "disable_input_require_grads", "get_position_embeddings", "resize_position_embeddings", "set_output_embeddings",
+    "set_decoder", "get_encoder", "dequantize", "set_attn_implementation", "warn_if_padding_and_no_attention_mask",
+    "add_adapter", "load_adapter", "set_adapter", "enable_adapters", "disable_adapters", "active_adapters",
+    "delete_adapter", "get_adapter_state_dict",
 })
 
 
@@ -82,3 +89,20 @@ def _as_id_tensor(token_id: Any, device: torch.device) -> torch.Tensor:
     if token_id is None:
         return torch.empty(0, dtype=torch.long, device=device)
     return torch.as_tensor(token_id, dtype=torch.long, device=device).flatten()
+
+
+def target_attribute(name: str) -> property:
+    """A property reading (and setting) `name` on the wrapped target."""
+
+    def get(self):
+        target = self.__dict__["_modules"].get("target")
+        if target is None:
+            raise AttributeError(name)
+        return getattr(target, name)
+
+    def set(self, value) -> None:
+        target = self.__dict__["_modules"].get("target")
+        if target is not None:  # `PreTrainedModel.__init__` sets `name_or_path` and `loss_type` before it exists
+            setattr(target, name, value)
+
+    return property(get, set, doc=f"The target's `{name}`.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from torch import nn
@@ -29,6 +29,9 @@ __all__ = [
     "load_local_tokenizer",
     "check_same_tokenizer",
     "is_composite",
+    "drop_loader_bookkeeping",
+    "check_part_tokenizers",
+    "composite_folder",
 ]
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -212,3 +215,32 @@ def is_composite(reference: Any, revision: str | None = None) -> bool:
         # A corrupt config.json in a folder that has other composite files is still a composite:
         # `load_composite_config` reports the corruption with the fix.
         return os.path.isdir(os.path.join(os.fspath(reference), "drafts"))
+
+
+def drop_loader_bookkeeping(kwargs: dict) -> None:
+    """Remove what `AutoModelForCausalLM` and `pipeline` add for themselves; refuse remote code."""
+    for key in ("_from_auto", "_from_pipeline", "adapter_kwargs"):
+        kwargs.pop(key, None)
+    if kwargs.pop("trust_remote_code", None):
+        raise ValueError("`trust_remote_code=True` was passed, but hf_eu loads composites and their parts without "
+                         "remote code; drop the argument (a target that needs remote code: load it yourself and pass "
+                         "it as `target=`).")
+
+
+def check_part_tokenizers(target: Any, drafts: Sequence[Any], proxy: Any) -> None:
+    """Compare tokenizers stored beside the models in local folders (skipped where none is available)."""
+    target_tokenizer = load_local_tokenizer(target)
+    if target_tokenizer is None:
+        return
+    others = {f"draft {k}": load_local_tokenizer(d) for k, d in enumerate(drafts)}
+    if proxy is not None:
+        others["proxy"] = load_local_tokenizer(proxy)
+    check_same_tokenizer(target_tokenizer, others)
+
+
+def composite_folder(reference: Any, revision: str | None) -> str:
+    if os.path.isdir(reference):
+        return os.fspath(reference)
+    from huggingface_hub import snapshot_download
+
+    return snapshot_download(repo_id=str(reference), revision=revision)

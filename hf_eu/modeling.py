@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from huggingface_hub import HfApi
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.generation import GenerateBeamDecoderOnlyOutput
 from transformers.utils import logging
 
@@ -27,14 +28,9 @@ from .calibration import EUCalibrator
 from .configuration import UncertaintyAwareConfig, load_composite_config
 from .estimators import get_estimator
 from .generation_utils import (TARGET_API, check_left_padded, decodes_token_by_token, full_attention_mask,
-                               generated_token_mask)
-from .loading import (
-    check_same_tokenizer,
-    check_same_vocabulary,
-    is_composite,
-    load_causal_lm,
-    load_local_tokenizer,
-)
+                               generated_token_mask, target_attribute)
+from .loading import (check_part_tokenizers, check_same_vocabulary, composite_folder, drop_loader_bookkeeping,
+                      is_composite, load_causal_lm)
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
 from .scoring import _check_eu_head, reads_only_features, score_features_pass, score_recorded, score_tokens
 from .perturbation import LowRankGaussianPerturbation
@@ -44,18 +40,24 @@ from .eu_head import EUHead
 from .serialization import (load_calibrator, load_composite_parts, load_detector, load_eu_head, load_student,
                             save_composite)
 from .stopping import prepare_eu_criteria, stopped_for_uncertainty
+from .target_weights import load_target_weights
 
 __all__ = ["UncertaintyAwareModelForCausalLM"]
 
 logger = logging.get_logger(__name__)
 
 
-class UncertaintyAwareModelForCausalLM(nn.Module):
+class UncertaintyAwareModelForCausalLM(PreTrainedModel):
     """A target causal LM whose `generate` also returns per-token epistemic uncertainty.
 
     Build one with `from_pretrained`. Attributes: `target` (the wrapped model, used as is), `drafts`
     (`nn.ModuleList` of K ≥ 1 draft models sharing the target's vocabulary), `proxy` (the OSD proxy or
     None) and `config` (`UncertaintyAwareConfig`). Calling the wrapper runs the target's forward.
+
+    It is a `PreTrainedModel`, so `Trainer`, TRL and accelerate treat it as one (`Trainer.save_model` calls its
+    `save_pretrained`), while the target's model API (embeddings, `tie_weights`, `num_parameters`,
+    `gradient_checkpointing_enable`, `name_or_path`, …, the names in `TARGET_API`) is the target's, reached
+    through the wrapper as PEFT's `PeftModel` does.
     """
 
     config_class = UncertaintyAwareConfig
@@ -73,7 +75,6 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         eu_head: EUHead | None = None,
         detector: AnswerRiskDetector | None = None,
     ):
-        super().__init__()
         _check_drafts_argument(drafts)
         if any(draft is target for draft in drafts) or proxy is target:
             raise ValueError("A draft or the proxy is the target object itself; pass separate (smaller) models.")
@@ -86,6 +87,9 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             _check_student_argument(student)
             parts["student"] = student
         vocab_size = check_same_vocabulary(target, parts)
+        config = config or UncertaintyAwareConfig(target_name_or_path=_name_of(target), num_drafts=len(drafts),
+                                                  has_proxy=proxy is not None)
+        self._init_pretrained(config)
         self.target = target
         self.drafts = nn.ModuleList(drafts)
         self.proxy = proxy
@@ -98,11 +102,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             raise TypeError(f"`detector` must be an hf_eu.answer_risk.AnswerRiskDetector, got {type(detector).__name__}.")
         self.detector = detector  # the fitted answer-risk detector of `answer_risk`, or None
         self._perturbation = None  # built on first use by estimators reading perturbed targets
-        self.config = config or UncertaintyAwareConfig(
-            target_name_or_path=_name_of(target),
-            num_drafts=len(drafts),
-            has_proxy=proxy is not None,
-        )
+        # Whether `save_pretrained` writes the target's weights: a loaded fine-tuned target, or one trained since.
+        self._saves_target = bool(getattr(config, "has_target_weights", False))
         self.config.num_drafts = len(drafts)
         self.config.has_proxy = proxy is not None
         self.config.has_calibrator = calibrator is not None
@@ -115,6 +116,20 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         for part in parts.values():
             part.eval()
         self.training = target.training  # `model.training` reads as the target's (eval after from_pretrained)
+
+    def _init_pretrained(self, config: UncertaintyAwareConfig) -> None:
+        """`PreTrainedModel.__init__`, leaving the config's attention settings as they were (the target's apply)."""
+        saved = {name: config.__dict__.get(name) for name in ("_attn_implementation_internal",
+                                                                "_experts_implementation_internal")}
+        super().__init__(config)
+        config.__dict__.update(saved)
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`; training the wrapper with trainable target parameters marks the target as fine-tuned,
+        so `save_pretrained` then stores its weights (`hf_eu.target_weights`)."""
+        if mode and any(parameter.requires_grad for parameter in self.target.parameters()):
+            self._saves_target = True
+        return super().train(mode)
 
     # ------------------------------------------------------------------ loading
     @classmethod
@@ -141,6 +156,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
                 saved composite.
             proxy: the OSD proxy (same kinds) or None, in which case the bias uses the target.
             target: with a saved composite, the target to use instead of the recorded id (id, folder or model).
+                A composite that stores a fine-tuned target's weights loads them over a target given by id or
+                folder (or the recorded one), never over a target passed loaded, which is used as it is.
             estimator: registered estimator name to compute (default: the config's, `"hf_eu"`).
             chunk_size: positions scored per chunk (default: derived from a 128 MiB budget).
             config: with a saved composite, the `UncertaintyAwareConfig` to use instead of its config.json
@@ -152,7 +169,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             **target_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the target (`dtype`,
                 `device_map`, `quantization_config`, `revision`, …).
         """
-        _drop_loader_bookkeeping(target_kwargs)
+        drop_loader_bookkeeping(target_kwargs)
         if config is not None and not isinstance(config, UncertaintyAwareConfig):
             raise TypeError(f"`config` must be an UncertaintyAwareConfig, got {type(config).__name__}; load the "
                             "composite's own with `AutoConfig.from_pretrained(folder)` or leave it out.")
@@ -177,7 +194,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             )
         target_model = load_causal_lm(pretrained_model_name_or_path, role="target", **target_kwargs)
         draft_models, proxy_model = _load_parts(target_model, drafts, proxy)
-        _check_tokenizers(pretrained_model_name_or_path, drafts, proxy)
+        check_part_tokenizers(pretrained_model_name_or_path, drafts, proxy)
         config = UncertaintyAwareConfig(
             target_name_or_path=_name_of(pretrained_model_name_or_path),
             target_revision=revision,
@@ -190,7 +207,7 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
 
     @classmethod
     def _from_composite(cls, reference, target, estimator, chunk_size, target_kwargs, config=None):
-        folder = _composite_folder(reference, target_kwargs.pop("revision", None))  # the composite's revision
+        folder = composite_folder(reference, target_kwargs.pop("revision", None))  # the composite's revision
         stored_config = load_composite_config(folder)  # version and key checks, also when `config` is given
         config = stored_config if config is None else config
         if target is None:
@@ -200,6 +217,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
             if config.target_revision:
                 target_kwargs["revision"] = config.target_revision
         target_model = load_causal_lm(target, role="target", **target_kwargs)
+        if config.has_target_weights and isinstance(target, (str, os.PathLike)):  # not over a target passed loaded
+            load_target_weights(folder, target_model)
         config, draft_models, proxy_model = load_composite_parts(folder, target=target_model, config=config)
         if not isinstance(target, (str, os.PathLike)) or target != config.target_name_or_path:
             config.target_name_or_path = _name_of(target)
@@ -227,17 +246,8 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
 
     @generation_config.setter
     def generation_config(self, value) -> None:
-        self.target.generation_config = value
-
-    def __getattr__(self, name: str):
-        """The target's model API (embeddings, `tie_weights`, `name_or_path`, …) is reached through the wrapper,
-        as PEFT's `PeftModel` does, so code written for the bare model (lm-eval, TRL, accelerate) finds it."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in TARGET_API and "target" in self._modules:
-                return getattr(self._modules["target"], name)
-            raise
+        if "target" in self._modules:  # `PreTrainedModel.__init__` sets one before the target is attached
+            self.target.generation_config = value
 
     @property
     def dtype(self) -> torch.dtype:
@@ -406,21 +416,40 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         return scores
 
     # ------------------------------------------------------------------- saving
-    def save_pretrained(self, save_directory: str | os.PathLike, *, repo_id: str | None = None,
-                        safe_serialization: bool = True, max_shard_size: Any = None, **kwargs) -> None:
+    def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True,
+                        state_dict: dict | None = None, *, repo_id: str | None = None, safe_serialization: bool = True,
+                        max_shard_size: int | str = "5GB", save_target: bool | None = None, **kwargs) -> None:
         """Write config, drafts, proxy (safetensors) and model card to `save_directory`, atomically.
 
-        The target's weights are not written: the config records its id and revision. `safe_serialization`
-        must stay True (hf_eu writes safetensors only); `max_shard_size` and transformers' other saving
-        arguments are accepted for compatibility and ignored (the composite's parts are small).
+        The target's weights are written only once it has been fine-tuned (`save_target=None`: the wrapper was
+        put in training mode with trainable target parameters, as `Trainer` does, or was loaded with stored
+        target weights); otherwise the config records its id and revision. Other files in the folder (a
+        `Trainer` output folder's) are left untouched.
+
+        Args:
+            save_directory: the folder (see `hf_eu.serialization` for what may be there already).
+            is_main_process: False on the other processes of a distributed run, which then write nothing.
+            state_dict: the wrapper's state dict to take the target's tensors from (`Trainer` passes the gathered
+                one under FSDP or DeepSpeed); default: the target's own.
+            repo_id: the hub id the model card names.
+            safe_serialization: must stay True (hf_eu writes safetensors only).
+            max_shard_size: largest file of the target's weights (`"5GB"`); drafts and proxy are small.
+            save_target: True / False to store the target's weights or not, whatever was done to it.
+            **kwargs: transformers' other saving arguments (`push_to_hub=`, `token=`, …), accepted and ignored.
         """
         if not safe_serialization:
             raise ValueError("`safe_serialization=False` would write pickled weights; hf_eu saves safetensors only. "
                              "Leave it at True.")
+        if save_target is not None and not isinstance(save_target, bool):
+            raise TypeError(f"`save_target` must be True, False or None, got {save_target!r}.")
+        if not is_main_process:
+            return
+        store_target = self._saves_target if save_target is None else save_target
         self.config.hf_eu_version = __version__
         save_composite(save_directory, self.config, list(self.drafts), self.proxy, repo_id=repo_id,
                        calibrator=self.calibrator, student=self.student, target=self.target, eu_head=self.eu_head,
-                       detector=self.detector)
+                       detector=self.detector,
+                       target_weights={"state_dict": state_dict, "max_shard_size": max_shard_size} if store_target else None)
 
     def push_to_hub(self, repo_id: str, *, private: bool | None = None, token: str | None = None,
                     revision: str | None = None, commit_message: str = "Upload hf_eu composite") -> str:
@@ -438,6 +467,10 @@ class UncertaintyAwareModelForCausalLM(nn.Module):
         return getattr(commit, "commit_url", str(commit))
 
 
+for _name in TARGET_API:  # code written for the bare model (lm-eval, TRL, accelerate) finds the target's API
+    setattr(UncertaintyAwareModelForCausalLM, _name, target_attribute(_name))
+
+
 def _device_of(model: nn.Module) -> torch.device:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
@@ -450,16 +483,6 @@ def _name_of(reference: Any) -> str | None:
     if isinstance(reference, (str, os.PathLike)):
         return os.fspath(reference)
     return getattr(getattr(reference, "config", None), "_name_or_path", None) or None
-
-
-def _drop_loader_bookkeeping(kwargs: dict) -> None:
-    """Remove what `AutoModelForCausalLM` and `pipeline` add for themselves; refuse remote code."""
-    for key in ("_from_auto", "_from_pipeline", "adapter_kwargs"):
-        kwargs.pop(key, None)
-    if kwargs.pop("trust_remote_code", None):
-        raise ValueError("`trust_remote_code=True` was passed, but hf_eu loads composites and their parts without "
-                         "remote code; drop the argument (a target that needs remote code: load it yourself and pass "
-                         "it as `target=`).")
 
 
 def _check_student_argument(student: Any) -> None:
@@ -483,22 +506,3 @@ def _load_parts(target: nn.Module, drafts: Sequence[Any], proxy: Any) -> tuple[l
     draft_models = [load_causal_lm(d, role=f"draft {k}", **kwargs).to(device) for k, d in enumerate(drafts)]
     proxy_model = load_causal_lm(proxy, role="proxy", **kwargs).to(device) if proxy is not None else None
     return draft_models, proxy_model
-
-
-def _check_tokenizers(target: Any, drafts: Sequence[Any], proxy: Any) -> None:
-    """Compare tokenizers stored beside the models in local folders (skipped where none is available)."""
-    target_tokenizer = load_local_tokenizer(target)
-    if target_tokenizer is None:
-        return
-    others = {f"draft {k}": load_local_tokenizer(d) for k, d in enumerate(drafts)}
-    if proxy is not None:
-        others["proxy"] = load_local_tokenizer(proxy)
-    check_same_tokenizer(target_tokenizer, others)
-
-
-def _composite_folder(reference: Any, revision: str | None) -> str:
-    if os.path.isdir(reference):
-        return os.fspath(reference)
-    from huggingface_hub import snapshot_download
-
-    return snapshot_download(repo_id=str(reference), revision=revision)

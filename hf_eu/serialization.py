@@ -12,6 +12,8 @@ Layout of a saved composite (the target's weights are never written; the config 
       student/               the Gaussian-distilled student, when the composite has one: head.safetensors
       eu_head/               the distilled `EUHead` of estimator `eu_head`, when the composite has one
       detector/              the fitted `AnswerRiskDetector` of `answer_risk`, when the composite has one
+      model.safetensors      the fine-tuned target's weights (keys `target.`), only once the target was trained
+                             (`hf_eu.target_weights`; sharded with model.safetensors.index.json when large)
                              (factor head + fitted noise) and, unless its backbone is the target itself,
                              backbone/ (stored like a draft: full model, or adapter + base spec)
 
@@ -19,16 +21,18 @@ A draft or proxy that is a peft model is stored as its active adapter only (adap
 adapter_model.safetensors) plus `hf_eu_adapter_base.json`, which says how to rebuild its base: the
 target's first n layers (`truncated_copy`, so no base weights are stored at all) or a model id.
 
-Saving never deletes what hf_eu did not write: the destination must be new, an empty folder or a
-previous composite (config.json with model_type "hf_eu"), never a file, a folder of other files or
-the target's own folder; this is checked before anything is written.
+Saving never deletes what hf_eu did not write: the destination is new, empty or a previous composite
+(config.json with model_type "hf_eu"), or a folder of other files (a `Trainer` output folder, say) none of
+whose entries bears a name the composite writes; never a file or the target's own folder. This is checked
+before anything is written, and files that are not the composite's are left where they are.
 
 Saving is atomic: everything is written into a hidden sibling `.<name>.saving-<pid>@<host>-*` that
 replaces the folder only when complete (`hf_eu._atomic.replace_folder`: the previous composite is set
 aside as `.<name>.replaced-…` and deleted once the new one is in place). A save interrupted at any
 point leaves the previous composite (or nothing) at the path, or, if the process was killed between
 the two renames, the previous one aside, from where the next save or load restores it. Hidden
-siblings left by dead processes are deleted by the next save.
+siblings left by dead processes are deleted by the next save. In a folder that also holds other files, the
+composite's entries are replaced one by one instead (each atomically, config.json last), so the others stay.
 
 Loading checks every expected file before reading any weights and reads safetensors only (a weight
 index naming a pickled shard is refused before transformers could open it).
@@ -48,7 +52,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from ._atomic import recover_folder, remove_stale_siblings, replace_folder, sibling_prefix
+from ._atomic import recover_folder, remove_stale_siblings, replace_entries, replace_folder, sibling_prefix
 from .calibration import CALIBRATOR_FOLDER, EUCalibrator
 from .answer_risk import DETECTOR_FOLDER, AnswerRiskDetector
 from .eu_head import EU_HEAD_FOLDER, EUHead
@@ -56,6 +60,7 @@ from .configuration import CONFIG_NAME, UncertaintyAwareConfig, load_composite_c
 from .gaussian import GaussianFactorHead, GaussianStudentForCausalLM
 from .loading import check_safetensors_only
 from .model_card import render_model_card
+from .target_weights import is_target_weight_file, save_target_weights
 
 __all__ = ["save_composite", "check_save_destination", "load_composite_parts", "load_calibrator", "load_student", "load_eu_head", "load_detector", "draft_folder", "PROXY_FOLDER",
            "STUDENT_FOLDER", "ADAPTER_BASE_FILE"]
@@ -125,12 +130,14 @@ def save_composite(
     target: nn.Module | None = None,
     eu_head: EUHead | None = None,
     detector: AnswerRiskDetector | None = None,
+    target_weights: dict | None = None,
 ) -> None:
     """Write config, drafts, proxy, calibrator, student and model card to `folder` atomically (replacing a
     previous composite there).
 
     `target` tells whether the student's backbone is the target itself (then no backbone weights are
-    stored) and where the target lives: its own folder is never a destination.
+    stored) and where the target lives: its own folder is never a destination. `target_weights`
+    (`{"state_dict": … or None, "max_shard_size": …}`) also stores the fine-tuned target's weights.
 
     Raises:
         ValueError: before anything is written, when `folder` is a file or a symbolic link, holds anything
@@ -160,6 +167,9 @@ def save_composite(
         config.has_detector = detector is not None
         if detector is not None:
             detector.save(os.path.join(staging, DETECTOR_FOLDER))
+        config.has_target_weights = target_weights is not None
+        if target_weights is not None:
+            save_target_weights(staging, target, **target_weights)
         render_model_card(config, repo_id=repo_id).save(os.path.join(staging, "README.md"))
         config.to_json_file(os.path.join(staging, CONFIG_NAME), use_diff=True)
         _replace_folder(staging, folder)
@@ -168,9 +178,27 @@ def save_composite(
         raise
 
 
+_COMPOSITE_ENTRIES = frozenset({CONFIG_NAME, "README.md", "drafts", PROXY_FOLDER, CALIBRATOR_FOLDER, STUDENT_FOLDER,
+                                EU_HEAD_FOLDER, DETECTOR_FOLDER})
+
+
+def _is_composite_entry(name: str) -> bool:
+    """Whether a composite writes an entry of this name (what a save may replace in a previous composite)."""
+    return name in _COMPOSITE_ENTRIES or is_target_weight_file(name)
+
+
 def _replace_folder(staging: str, folder: str) -> None:
-    """Move the complete `staging` folder to `folder`; an old `folder` is set aside and removed only afterwards."""
-    replace_folder(staging, folder)
+    """Move the complete `staging` folder to `folder`; an old `folder` is set aside and removed only afterwards.
+
+    When `folder` also holds entries that are not the composite's (a `Trainer` output folder), only the
+    composite's entries are replaced, each atomically and config.json last, and the previous composite's
+    entries the new one lacks are removed; nothing else is touched.
+    """
+    if not os.path.isdir(folder) or all(_is_composite_entry(name) for name in os.listdir(folder)):
+        replace_folder(staging, folder)
+        return
+    stale = [name for name in os.listdir(folder) if _is_composite_entry(name) and name not in os.listdir(staging)]
+    replace_entries(staging, folder, last=CONFIG_NAME, remove=stale)
 
 
 def _is_composite_folder(folder: str) -> bool:
@@ -193,8 +221,8 @@ def _local_folders_of(target: nn.Module | None, config: UncertaintyAwareConfig) 
     return folders
 
 
-_SAVE_FIX = ("save_pretrained replaces the whole folder, and hf_eu never deletes what it did not write: choose an "
-             "empty or new folder, or a previous hf_eu composite")
+_SAVE_FIX = ("hf_eu never deletes or overwrites what it did not write: choose an empty or new folder, a previous "
+             "hf_eu composite, or a folder none of whose entries the composite writes")
 
 
 def check_save_destination(folder: str | os.PathLike, target: nn.Module | None = None,
@@ -202,7 +230,9 @@ def check_save_destination(folder: str | os.PathLike, target: nn.Module | None =
     """Raise ValueError (naming the path and the fix) unless saving a composite to `folder` loses nothing.
 
     Allowed: a path where nothing is, an empty folder, a previous composite (config.json with model_type
-    "hf_eu"). Refused: a file or symbolic link, a folder with anything else in it, and the target's own
+    "hf_eu", beside other files or not), a folder of other files none of which bears a name the composite
+    writes. Refused: a file or symbolic link, a folder that is not a composite but holds an entry the
+    composite would overwrite (config.json, README.md, drafts/, model.safetensors, …), and the target's own
     folder (its `name_or_path` or the config's `target_name_or_path`, when a local folder) or a folder
     containing it.
     """
@@ -220,11 +250,12 @@ def check_save_destination(folder: str | os.PathLike, target: nn.Module | None =
                              f"deleted. {_SAVE_FIX}.")
     if not os.path.isdir(folder):
         return
-    entries = sorted(os.listdir(folder))
-    if entries and not _is_composite_folder(folder):
-        shown = ", ".join(entries[:5]) + (f" and {len(entries) - 5} more" if len(entries) > 5 else "")
-        raise ValueError(f"Refusing to save the composite to {folder!r}: it holds files that are not an hf_eu composite "
-                         f"({shown}; its config.json, if any, has no model_type 'hf_eu'). {_SAVE_FIX}.")
+    taken = [name for name in sorted(os.listdir(folder)) if _is_composite_entry(name)]
+    if taken and not _is_composite_folder(folder):
+        shown = ", ".join(taken[:5]) + (f" and {len(taken) - 5} more" if len(taken) > 5 else "")
+        raise ValueError(f"Refusing to save the composite to {folder!r}: it is not an hf_eu composite (its config.json, "
+                         f"if any, has no model_type 'hf_eu') and holds {shown}, which the composite would overwrite. "
+                         f"{_SAVE_FIX}.")
 
 
 def _check_model_folder(path: str, role: str) -> None:

@@ -35,6 +35,9 @@ def test_training_mode_reads_as_the_targets(target, drafts, proxy):
 
 
 def test_model_api_is_the_targets(eu_model, target):
+    from transformers import PreTrainedModel
+
+    assert isinstance(eu_model, PreTrainedModel)  # what Trainer, TRL and accelerate check before save_pretrained
     assert eu_model.get_input_embeddings() is target.get_input_embeddings()
     assert eu_model.get_output_embeddings() is target.get_output_embeddings()
     assert eu_model.num_parameters() == target.num_parameters()
@@ -46,6 +49,35 @@ def test_model_api_is_the_targets(eu_model, target):
     assert target.generation_config is config
     with pytest.raises(AttributeError):
         eu_model.no_such_method
+
+
+def test_every_target_api_name_is_the_targets_not_the_composites(eu_model, target):
+    """The wrapper is a `PreTrainedModel`, whose own methods (`num_parameters`, `activation_checkpointing_enable`,
+    `resize_token_embeddings`, …) would act on target, drafts and proxy together; each name of TARGET_API is the
+    target's bound method or value instead."""
+    import warnings
+
+    from hf_eu.generation_utils import TARGET_API
+
+    checked = 0
+    for name in sorted(TARGET_API):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                theirs = getattr(target, name)
+            except (AttributeError, ValueError):
+                continue
+            ours = getattr(eu_model, name)
+        assert ours == theirs if callable(theirs) else ours is theirs or ours == theirs, name
+        checked += 1
+    assert checked >= 25
+    eu_model.activation_checkpointing_enable()
+    try:
+        assert target.is_activation_checkpointing and not any(
+            getattr(module, "gradient_checkpointing", False) for module in eu_model.drafts.modules())
+    finally:
+        eu_model.activation_checkpointing_disable()
+    assert not target.is_activation_checkpointing
 
 
 def test_forward_has_trainer_columns_and_matches_the_target(eu_model, target, batch):

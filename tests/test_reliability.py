@@ -85,10 +85,36 @@ def test_save_refuses_a_folder_of_other_files(tmp_path, local_model, monkeypatch
     before = tree(folder)
     _forbid_work(monkeypatch)
     with pytest.raises(ValueError, match=r"Refusing to save the composite to .*my-stuff.*not an hf_eu composite "
-                                         r".*config.json, notes.txt, sub.*empty or new folder, or a previous hf_eu"):
+                                         r".*holds config.json, which the composite would overwrite.*empty or new "
+                                         r"folder, a previous hf_eu composite"):
         local_model.save_pretrained(folder)
     assert tree(folder) == before
     assert hidden_siblings(folder) == []
+    (folder / "config.json").unlink()
+    (folder / "README.md").write_text("my own card")  # any entry a composite writes is refused the same way
+    before = tree(folder)
+    with pytest.raises(ValueError, match=r"holds README.md, which the composite would overwrite"):
+        local_model.save_pretrained(folder)
+    assert tree(folder) == before
+
+
+def test_save_beside_other_files_leaves_them_and_replaces_only_its_own(tmp_path, local_model):
+    """A `Trainer` output folder (checkpoints, logs) takes the composite beside its files; saving again replaces the
+    composite's entries only, and drops those the new composite no longer has."""
+    folder = tmp_path / "run"
+    (folder / "checkpoint-2").mkdir(parents=True)
+    (folder / "checkpoint-2" / "optimizer.pt").write_bytes(b"\x00\x01")
+    (folder / "training_args.bin").write_bytes(b"\x02")
+    theirs = tree(folder)
+    local_model.save_pretrained(folder, save_target=True)
+    assert {path: data for path, data in tree(folder).items() if path in theirs} == theirs
+    assert (folder / "model.safetensors").is_file() and draft_weight(str(folder)) is not None
+    local_model.drafts[0].lm_head.weight.data.add_(1.0)
+    local_model.save_pretrained(folder, save_target=False)
+    assert {path: data for path, data in tree(folder).items() if path in theirs} == theirs
+    assert not (folder / "model.safetensors").exists()  # the previous composite's target weights went with it
+    assert torch.equal(draft_weight(str(folder)), local_model.drafts[0].lm_head.weight)
+    assert hidden_siblings(folder) == [] and not [name for name in os.listdir(folder) if name.startswith(".")]
 
 
 def test_save_refuses_a_regular_file(tmp_path, local_model, monkeypatch):
