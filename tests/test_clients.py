@@ -114,6 +114,7 @@ def _sft(model, tokenizer, output_dir):
                      disable_tqdm=True)
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
+    trainer.save_model()
     return [log["loss"] for log in trainer.state.log_history if "loss" in log]
 
 
@@ -127,6 +128,14 @@ def test_trl_sft_trains_the_wrapped_target_like_the_bare_one(tokenizer, tmp_path
     assert wrapped_losses == pytest.approx(bare_losses, rel=1e-5)
     for name, value in target.state_dict().items():
         torch.testing.assert_close(wrapper.target.state_dict()[name], value, rtol=1e-5, atol=1e-6)
+    # SFTTrainer.save_model wrote the composite with the fine-tuned target: loaded over the original target's
+    # folder, it gives the trained weights (TRL's own files in the folder did not stop it)
+    from hf_eu import UncertaintyAwareModelForCausalLM
+
+    _model(tokenizer, 0).save_pretrained(tmp_path / "original")
+    loaded = UncertaintyAwareModelForCausalLM.from_pretrained(str(tmp_path / "wrapped"), target=str(tmp_path / "original"))
+    for name, value in wrapper.target.state_dict().items():
+        assert torch.equal(loaded.target.state_dict()[name], value), name
 
 
 LMBDA = 1.0
