@@ -204,6 +204,16 @@ class IncrementalScorer:
         self._next_position = self._next_position + 1
         return output
 
+    def reference_logps(self) -> torch.Tensor:
+        """`(B, V)` the reference's (the proxy's, else the target's) log-probs at the current position, before `step`."""
+        if not self.started:
+            raise RuntimeError("Call `start(prompt_ids, attention_mask)` before `reference_logps`.")
+        with torch.no_grad():
+            arguments = self._arguments()
+        if "reference_logps" not in arguments:
+            raise ValueError(f"Estimator '{self.estimator.name}' does not read the reference model.")
+        return arguments["reference_logps"]
+
     def _last_outputs(self) -> dict[str, torch.Tensor | None]:
         """What each model produced at the current position, by part name (read when a score is not finite)."""
         parts = {}

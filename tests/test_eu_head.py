@@ -354,8 +354,13 @@ def test_streaming_the_proxy_head_equals_generate(proxy_head_model):
 
     inputs = {"input_ids": torch.tensor([[1, 7, 11, 3]])}
     args = dict(max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    streamed = _stream(proxy_head_model, EUTextIteratorStreamer(Digits(), proxy_head_model, estimator="eu_head_proxy"),
-                       inputs, **args)
+    calls, handle = _count_calls(proxy_head_model.target)
+    try:
+        streamed = _stream(proxy_head_model, EUTextIteratorStreamer(Digits(), proxy_head_model,
+                                                                    estimator="eu_head_proxy"), inputs, **args)
+    finally:
+        handle.remove()
+    assert len(calls) == 5  # the decoding passes only: the target's features are read from them, only the proxy runs
     reference = proxy_head_model.generate(**inputs, **args, return_dict_in_generate=True, estimator="eu_head_proxy")
     assert_close(torch.tensor(streamed), reference.epistemic_uncertainty[0], atol=1e-5, rtol=1e-4)
 
