@@ -345,8 +345,16 @@ def test_score_tokens_reads_recorded_features_instead_of_running_the_target(prox
                           **common)
 
 
-def test_streaming_the_proxy_head_equals_generate(proxy_head_model):
+@pytest.mark.parametrize("shared_head", [False, True])
+def test_streaming_the_proxy_head_equals_generate(proxy_head_model, target, shared_head):
+    """Also with a proxy built on the target's own layers, which shares its output head (as the shipped one does):
+    the recorder's hooks on that head must not take the proxy's passes for the target's."""
     from hf_eu import EUTextIteratorStreamer
+    from hf_eu.truncation import truncated_copy
+
+    if shared_head:
+        proxy_head_model.proxy = truncated_copy(target, 1, share_embeddings=True).eval()
+        assert proxy_head_model.proxy.get_output_embeddings() is target.get_output_embeddings()
 
     class Digits:
         def decode(self, ids, **kwargs):
