@@ -217,9 +217,11 @@ class UncertaintyAwareModelForCausalLM(PreTrainedModel):
             if config.target_revision:
                 target_kwargs["revision"] = config.target_revision
         target_model = load_causal_lm(target, role="target", **target_kwargs)
-        if config.has_target_weights and isinstance(target, (str, os.PathLike)):  # not over a target passed loaded
-            load_target_weights(folder, target_model)
         config, draft_models, proxy_model = load_composite_parts(folder, target=target_model, config=config)
+        if config.has_target_weights and isinstance(target, (str, os.PathLike)):  # not over a target passed loaded
+            # after the parts: drafts on the target's layers copy the layers they were trained on, as in the live
+            # composite, and share its embeddings, which fine-tuning trained
+            load_target_weights(folder, target_model)
         if not isinstance(target, (str, os.PathLike)) or target != config.target_name_or_path:
             config.target_name_or_path = _name_of(target)
             config.target_revision = None

@@ -197,7 +197,8 @@ def _replace_folder(staging: str, folder: str) -> None:
     if not os.path.isdir(folder) or all(_is_composite_entry(name) for name in os.listdir(folder)):
         replace_folder(staging, folder)
         return
-    stale = [name for name in os.listdir(folder) if _is_composite_entry(name) and name not in os.listdir(staging)]
+    written = set(os.listdir(staging))
+    stale = [name for name in os.listdir(folder) if _is_composite_entry(name) and name not in written]
     replace_entries(staging, folder, last=CONFIG_NAME, remove=stale)
 
 

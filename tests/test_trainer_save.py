@@ -146,3 +146,29 @@ def test_trainer_sets_use_cache_on_the_target_and_the_composite_config_stays_its
     assert "use_cache" not in wrapper.config.to_dict()
     wrapper.config.estimator = "proxy_entropy"  # the composite's own keys stay on its config
     assert wrapper.config.to_dict()["estimator"] == "proxy_entropy" and not hasattr(wrapper.target.config, "estimator")
+
+
+def test_a_fine_tuned_composite_with_drafts_on_the_targets_layers_reloads_with_the_same_eu(target_folder, tmp_path):
+    """Drafts and proxy built on the target's first layers copy those layers and share its embeddings: after the
+    target is trained, the reloaded composite must rebuild them from the layers they were trained on (not the
+    fine-tuned ones) and give the live composite's EU."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from hf_eu import truncated_copy
+
+    base_target = AutoModelForCausalLM.from_pretrained(target_folder)
+    parts = []
+    for k in range(3):
+        torch.manual_seed(k)
+        parts.append(get_peft_model(truncated_copy(base_target, 1, share_embeddings=True),
+                                    LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False)))
+    wrapper = UncertaintyAwareModelForCausalLM.from_pretrained(base_target, drafts=parts[:2], proxy=parts[2])
+    wrapper.config.target_name_or_path = target_folder
+    _trainer(wrapper, tmp_path / "run").train()
+    wrapper.eval()
+    wrapper.save_pretrained(tmp_path / "composite")
+    loaded = UncertaintyAwareModelForCausalLM.from_pretrained(str(tmp_path / "composite"))
+    expected = wrapper.estimate_uncertainty(torch.tensor([[1, 5, 9, 13, 17, 21, 3]]), prompt_length=4)
+    got = loaded.estimate_uncertainty(torch.tensor([[1, 5, 9, 13, 17, 21, 3]]), prompt_length=4)
+    torch.testing.assert_close(got.epistemic_uncertainty, expected.epistemic_uncertainty, rtol=1e-4, atol=1e-6)
