@@ -185,16 +185,18 @@ class IncrementalScorer:
             The estimator's `EstimatorOutput`: `score` (and `variance`/`bias` when defined) of shape
             `(batch_size,)`, float32 on the first model's device.
         """
-        if not self.started:
-            raise RuntimeError("Call `start(prompt_ids, attention_mask)` before `step`.")
-        token_ids = torch.as_tensor(token_ids).reshape(-1).long().cpu()  # (B,)
-        if token_ids.shape[0] != self.batch_size:
-            raise ValueError(f"`token_ids` has {token_ids.shape[0]} rows but the prompt had {self.batch_size}; "
-                             "pass one new token per row, shape (batch_size,).")
+        token_ids = self._checked_tokens(token_ids, "step")
         with torch.no_grad():
             output = self.estimator(**self._arguments(), token_ids=token_ids.to(self._device()),
                                     calibrator=self.calibrator, eu_head=self.eu_head)
             check_finite_scores(output.score, self._last_outputs, self.estimator.name)
+        self.feed(token_ids)
+        return output
+
+    def feed(self, token_ids: torch.Tensor) -> None:
+        """Feed the tokens `(batch_size,)` to every model without scoring them (the second half of `step`)."""
+        token_ids = self._checked_tokens(token_ids, "feed")
+        with torch.no_grad():
             if self._context is not None and self._attention_mask.shape[1] >= self._context:
                 warn_beyond_context(self._models_by_name, self._attention_mask.shape[1] + 1)
             self._attention_mask = torch.cat([self._attention_mask, torch.ones_like(token_ids)[:, None]], 1)  # (B, L+1)
@@ -202,7 +204,15 @@ class IncrementalScorer:
             for model in self._models.values():
                 model.forward(token_ids[:, None], self._attention_mask, position_ids)
         self._next_position = self._next_position + 1
-        return output
+
+    def _checked_tokens(self, token_ids: torch.Tensor, method: str) -> torch.Tensor:
+        if not self.started:
+            raise RuntimeError(f"Call `start(prompt_ids, attention_mask)` before `{method}`.")
+        token_ids = torch.as_tensor(token_ids).reshape(-1).long().cpu()  # (B,)
+        if token_ids.shape[0] != self.batch_size:
+            raise ValueError(f"`token_ids` has {token_ids.shape[0]} rows but the prompt had {self.batch_size}; "
+                             "pass one new token per row, shape (batch_size,).")
+        return token_ids
 
     def reference_logps(self) -> torch.Tensor:
         """`(B, V)` the reference's (the proxy's, else the target's) log-probs at the current position, before `step`."""

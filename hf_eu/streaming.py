@@ -98,7 +98,7 @@ class RecordedFeatureScorer:
             if self._reference is not None:  # the proxy's log-probs at this position, then it reads the token
                 reference = {"reference_logps": self._reference.reference_logps()}
                 with self.recorder.pause():
-                    self._reference.step(token_id)
+                    self._reference.feed(token_id)
             output = self.estimator(target_features=record.map(lambda t: t[:, -1]), eu_head=self.eu_model.eu_head,
                                     calibrator=self.eu_model.calibrator, **reference)
         self._history = torch.cat([self._history, token_id.reshape(1, 1).to(self._history)], 1)
