@@ -30,7 +30,8 @@ from hf_eu.perturbation import LowRankGaussianPerturbation
 from hf_eu.scoring import score_tokens_many
 from trainers.calibration import Answer, _answer_batch, answer_greedily
 
-__all__ = ["estimator_names", "collect_answers", "collect_scores", "collect_timing", "forward_flops"]
+__all__ = ["estimator_names", "collect_answers", "collect_scores", "collect_timing", "forward_flops",
+           "forget_estimators"]
 
 GROUND_TRUTH = "ground_truth"
 _KEY = "_batch_key"  # not an estimator: the digest of the answers a scores file belongs to
@@ -151,6 +152,38 @@ def collect_scores(models: Models, answers: list[Answer], scale: Scale, folder: 
         for name, values in batches[number].items():
             merged.setdefault(name, []).extend(values)
     return merged
+
+
+def forget_estimators(cache: str, names: list[str]) -> dict[str, int]:
+    """Drop `names` from every cached scores file and timing under `cache/<set>/` (each file rewritten aside and
+    renamed), so the next run scores and times only them again; `"timing"` drops every timing. Dropping `hf_eu`
+    also drops its parts (`hf_eu_variance`, `hf_eu_bias`). Returns how many files changed per set."""
+    names = set(names) | ({"hf_eu_variance", "hf_eu_bias"} if "hf_eu" in names else set())
+    unknown = names - set(_MAIN) - {"timing", "hf_eu_variance", "hf_eu_bias", "hf_eu_idd", "hf_eu_calibrated",
+                                    "gaussian_distill", "gaussian_distill_sampled", "eu_head", "eu_head_proxy"}
+    if unknown or GROUND_TRUTH in names:
+        raise ValueError(f"--rescore names estimators of the evaluation, got {sorted(unknown | {GROUND_TRUTH} & names)}; "
+                         "the ground truth is never dropped (start over with --fresh for that).")
+    changed: dict[str, int] = {}
+    folders = sorted(os.path.join(cache, n) for n in os.listdir(cache)) if os.path.isdir(cache) else []
+    for folder in (f for f in folders if os.path.isdir(f)):
+        count = 0
+        for name in sorted(os.listdir(folder)):
+            path = os.path.join(folder, name)
+            if name.startswith("scores-") and name.endswith(".npz"):
+                stored = dict(np.load(path))
+                if names & set(stored):
+                    np.savez(path + ".tmp.npz", **{k: v for k, v in stored.items() if k not in names})
+                    os.replace(path + ".tmp.npz", path)
+                    count += 1
+            elif name == "timing.json":
+                timing = json.load(open(path))
+                kept = {} if "timing" in names else {k: v for k, v in timing.items() if k not in names}
+                if kept != timing:
+                    _write_json(path, kept)
+                    count += 1
+        changed[os.path.basename(folder)] = count
+    return changed
 
 
 def forward_flops(model: torch.nn.Module) -> float:

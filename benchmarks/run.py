@@ -27,7 +27,7 @@ import numpy as np
 from benchmarks.common import command, machine
 from benchmarks.eval_report import build_results, make_plots, markdown_table
 from benchmarks.eval_scoring import (collect_answers, collect_scores, collect_timing, estimator_flops, estimator_names,
-                                     forward_flops)
+                                     forget_estimators, forward_flops)
 from benchmarks.eval_answer_risk import (DETECT_ESTIMATORS, fit_detector, plot_answer_risk, risk_records,
                                          save_detector)
 from benchmarks.eval_setup import (ARITH_TASKS, CALIB_SEED, DETECT_SEED, EVAL_SEED, SCALES, build_questions,
@@ -61,6 +61,10 @@ def _parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--fit-calibrator", action="store_true",
                         help="fit hf_eu_calibrated's regressor on the calibration set and save it in the composite "
                              "(how the shipped one was made); without it a composite lacking one skips that estimator")
+    parser.add_argument("--rescore", default=None,
+                        help="comma-separated estimators whose cached values and timings are dropped first, so they "
+                             "are scored and timed again (after a part they read changed); the rest stays cached. "
+                             "'timing' drops every timing, so all estimators are timed again side by side")
     return parser.parse_args(argv)
 
 
@@ -149,6 +153,8 @@ def run(argv=None) -> dict:
     cache = args.cache or os.path.join(".bench-cache", scale.name)
     if args.fresh:
         shutil.rmtree(cache, ignore_errors=True)
+    if args.rescore:
+        forget_estimators(cache, args.rescore.split(","))
     models = load_models(scale, args.composite, args.idd_composite, args.target)
     questions = build_questions(scale, models.excluded_questions, args.gsm8k, models.calibrator_questions)
     fit_calibrator = scale.name == "tiny" or args.fit_calibrator  # tiny models ship none: always fit one

@@ -17,6 +17,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from ._validation import check_chunk_size
+from .part_dtype import check_part_dtype
 from ._version import __version__
 
 __all__ = ["UncertaintyAwareConfig", "load_composite_config", "CONFIG_NAME"]
@@ -46,6 +47,9 @@ class UncertaintyAwareConfig(PretrainedConfig):
         vocab_size (`int`, *optional*): size of the shared output vocabulary.
         adapter_storage_dtype (`str`, *optional*): dtype the files of peft adapters are written in
             (e.g. `"bfloat16"` halves them); they are loaded back into the model's own dtype.
+        proxy_dtype (`str`, *optional*): dtype the proxy runs in (`"bfloat16"`, `"float16"`, `"float32"`); the
+            composite casts its proxy to it when built, never the target's shared weights
+            (`hf_eu.part_dtype.cast_part`). None: the proxy keeps the dtype it was loaded in (the target's).
         training (`dict`, *optional*): free-form record of how drafts and proxy were trained
             (partition scheme, losses, noise settings, evaluation numbers); rendered in the model card.
         hf_eu_version (`str`): version of hf_eu that wrote the config.
@@ -69,6 +73,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
         chunk_size: int | None = None,
         vocab_size: int | None = None,
         adapter_storage_dtype: str | None = None,
+        proxy_dtype: str | None = None,
         training: dict[str, Any] | None = None,
         hf_eu_version: str = __version__,
         **kwargs,
@@ -93,6 +98,7 @@ class UncertaintyAwareConfig(PretrainedConfig):
             raise ValueError(f"`adapter_storage_dtype` must be None, 'float32', 'bfloat16' or 'float16', "
                              f"got {adapter_storage_dtype!r}.")
         self.adapter_storage_dtype = adapter_storage_dtype
+        self.proxy_dtype = check_part_dtype(proxy_dtype)
         self.training = training or {}
         self.hf_eu_version = hf_eu_version
         super().__init__(**kwargs)

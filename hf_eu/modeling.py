@@ -31,6 +31,7 @@ from .generation_utils import (TARGET_API, check_left_padded, decodes_token_by_t
                                generated_token_mask, target_attribute)
 from .loading import (check_part_tokenizers, check_same_vocabulary, composite_folder, drop_loader_bookkeeping,
                       is_composite, load_causal_lm)
+from .part_dtype import cast_part, check_part_dtype
 from .outputs import UncertaintyGenerateBeamOutput, UncertaintyGenerateOutput, UncertaintyOutput
 from .scoring import _check_eu_head, reads_only_features, score_features_pass, score_recorded, score_tokens
 from .perturbation import LowRankGaussianPerturbation
@@ -92,7 +93,7 @@ class UncertaintyAwareModelForCausalLM(PreTrainedModel):
         self._init_pretrained(config)
         self.target = target
         self.drafts = nn.ModuleList(drafts)
-        self.proxy = proxy
+        self.proxy = cast_part(proxy, config.proxy_dtype, target) if proxy is not None and config.proxy_dtype else proxy
         self.calibrator = calibrator  # the fitted regressor of `hf_eu_calibrated`, or None
         self.student = student  # the Gaussian-distilled student of `gaussian_distill*`, or None
         if eu_head is not None and not isinstance(eu_head, EUHead):
@@ -145,6 +146,7 @@ class UncertaintyAwareModelForCausalLM(PreTrainedModel):
         config: UncertaintyAwareConfig | None = None,
         student: nn.Module | None = None,
         eu_head: EUHead | None = None,
+        proxy_dtype: Any = None,
         **target_kwargs,
     ) -> UncertaintyAwareModelForCausalLM:
         """Load a composite.
@@ -166,10 +168,14 @@ class UncertaintyAwareModelForCausalLM(PreTrainedModel):
                 `gaussian_distill*` estimators) or None; a saved composite brings its own.
             eu_head: a trained `hf_eu.eu_head.EUHead` for the target (estimator `eu_head`) or None; a saved
                 composite brings its own.
+            proxy_dtype: dtype the proxy runs in (`torch.bfloat16`, "bfloat16", …), apart from the target's: in
+                bfloat16 its pass costs about half on CPUs with AVX512-BF16 and on GPUs (`hf_eu.part_dtype`).
+                Default: a saved composite's recorded `proxy_dtype`, else the target's dtype.
             **target_kwargs: passed to `AutoModelForCausalLM.from_pretrained` for the target (`dtype`,
                 `device_map`, `quantization_config`, `revision`, …).
         """
         drop_loader_bookkeeping(target_kwargs)
+        overrides = {"estimator": estimator, "chunk_size": chunk_size, "proxy_dtype": check_part_dtype(proxy_dtype)}
         if config is not None and not isinstance(config, UncertaintyAwareConfig):
             raise TypeError(f"`config` must be an UncertaintyAwareConfig, got {type(config).__name__}; load the "
                             "composite's own with `AutoConfig.from_pretrained(folder)` or leave it out.")
@@ -180,8 +186,7 @@ class UncertaintyAwareModelForCausalLM(PreTrainedModel):
                     f"{pretrained_model_name_or_path!r} is a saved composite that brings its own drafts, proxy and "
                     "student; do not pass `drafts=`/`proxy=`/`student=` with it (use `target=` to replace the target)."
                 )
-            return cls._from_composite(pretrained_model_name_or_path, target, estimator, chunk_size, target_kwargs,
-                                       config)
+            return cls._from_composite(pretrained_model_name_or_path, target, overrides, target_kwargs, config)
         if config is not None:
             raise ValueError("`config=` is only for loading a saved composite; with a target and drafts the config "
                              "is built from `estimator=`/`chunk_size=`.")
@@ -202,11 +207,12 @@ class UncertaintyAwareModelForCausalLM(PreTrainedModel):
             has_proxy=proxy_model is not None,
             estimator=estimator or "hf_eu",
             chunk_size=chunk_size,
+            proxy_dtype=overrides["proxy_dtype"],
         )
         return cls(target_model, draft_models, proxy_model, config=config, student=student, eu_head=eu_head)
 
     @classmethod
-    def _from_composite(cls, reference, target, estimator, chunk_size, target_kwargs, config=None):
+    def _from_composite(cls, reference, target, overrides, target_kwargs, config=None):
         folder = composite_folder(reference, target_kwargs.pop("revision", None))  # the composite's revision
         stored_config = load_composite_config(folder)  # version and key checks, also when `config` is given
         config = stored_config if config is None else config
@@ -228,10 +234,9 @@ class UncertaintyAwareModelForCausalLM(PreTrainedModel):
         device = _device_of(target_model)
         draft_models = [draft.to(device) for draft in draft_models]
         proxy_model = proxy_model.to(device) if proxy_model is not None else None
-        if estimator is not None:
-            config.estimator = estimator
-        if chunk_size is not None:
-            config.chunk_size = chunk_size
+        for key, value in overrides.items():  # estimator=, chunk_size=, proxy_dtype= over the stored ones
+            if value is not None:
+                setattr(config, key, value)
         student = load_student(folder, config, target_model)
         return cls(target_model, draft_models, proxy_model, config=config, calibrator=load_calibrator(folder, config),
                    student=student.to(device) if student is not None else None, eu_head=load_eu_head(folder, config),

@@ -166,3 +166,44 @@ def test_a_grown_set_keeps_cached_answers_and_rescores_only_changed_batches(tmp_
     from_end = eval_scoring.collect_scores(models, answers, scale, str(tmp_path), ["entropy"], from_end=True)
     assert fake_scores.batches[4:] == [["q4xxxx"], ["q0", "q1x"]]  # last batch first
     assert len(from_end["entropy"]) == 5 and [len(v) for v in from_end["entropy"]] == [len(a["answer_ids"]) for a in answers]
+
+
+def test_rescore_drops_only_the_named_estimators_and_keeps_the_ground_truth(tmp_path, monkeypatch):
+    import torch
+
+    from benchmarks import eval_scoring
+    from benchmarks.eval_setup import Scale
+
+    calls = []
+
+    def fake_scores(models, names, batch, scale, perturbation):
+        calls.append(sorted(names))
+        total = sum(len(a["answer_ids"]) for a in batch)
+        return {name: np.full(total, float(len(calls))) for name in names}
+
+    monkeypatch.setattr(eval_scoring, "_score_batch", fake_scores)
+    monkeypatch.setattr(eval_scoring, "LowRankGaussianPerturbation", lambda *a, **k: None)
+    scale = Scale("t", questions={}, max_new_tokens={"arith": 4}, batch_size=2)
+    folder = tmp_path / "cache" / "arith"
+    folder.mkdir(parents=True)
+    answers = [dict(question=f"q{i}", prompt_ids=torch.tensor([1]), answer_ids=torch.tensor([3] * (i + 1))) for i in range(3)]
+    names = ["entropy", "hf_eu"]
+    models = types.SimpleNamespace(target=None)
+    first = eval_scoring.collect_scores(models, answers, scale, str(folder), names)
+    assert calls == [["entropy", "ground_truth", "hf_eu"]] * 2
+    (folder / "timing.json").write_text(json.dumps({"generation": 1.0, "entropy": 0.5, "hf_eu": 0.7}))
+    (folder / "notes.txt").write_text("mine")
+    changed = eval_scoring.forget_estimators(str(tmp_path / "cache"), ["hf_eu"])
+    assert changed == {"arith": 3}  # two scores files and the timing
+    assert json.loads((folder / "timing.json").read_text()) == {"generation": 1.0, "entropy": 0.5}
+    again = eval_scoring.collect_scores(models, answers, scale, str(folder), names)
+    assert calls[2:] == [["hf_eu"]] * 2  # only the dropped estimator is scored again
+    for name in ("entropy", "ground_truth"):
+        assert [v.tolist() for v in again[name]] == [v.tolist() for v in first[name]]
+    assert [v.tolist() for v in again["hf_eu"]] != [v.tolist() for v in first["hf_eu"]]
+    eval_scoring.forget_estimators(str(tmp_path / "cache"), ["timing"])
+    assert json.loads((folder / "timing.json").read_text()) == {}
+    assert (folder / "notes.txt").read_text() == "mine"
+    for bad in (["ground_truth"], ["hf_eu_typo"]):
+        with pytest.raises(ValueError, match="--rescore"):
+            eval_scoring.forget_estimators(str(tmp_path / "cache"), bad)

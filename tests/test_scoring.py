@@ -170,7 +170,7 @@ def test_chunks_from_max_chunk_elements_respect_the_budget(target, drafts, proxy
         for handle in handles:
             handle.remove()
     assert widths[-1] == [], "hf_eu does not read the target"
-    assert widths[:-1] == [[1, 3, 3, 1]] * 4, widths  # drafts and proxy: prefill (last position only), chunks of 3
+    assert widths[:-1] == [[0, 3, 3, 1]] * 4, widths  # drafts and proxy: prefill (no logits), chunks of 3
     chunk = max(max(w) for w in widths[:-1])
     assert chunk * per_position <= budget
     expected = brute_force_eu(drafts, proxy, input_ids, attention_mask, prompt_length)
