@@ -35,6 +35,7 @@ def render_model_card(config: UncertaintyAwareConfig, repo_id: str | None = None
         target_revision=config.target_revision,
         num_drafts=config.num_drafts,
         has_proxy=config.has_proxy,
+        proxy_dtype=getattr(config, "proxy_dtype", None),
         estimator=config.estimator,
         vocab_size=config.vocab_size,
         hf_eu_version=config.hf_eu_version,

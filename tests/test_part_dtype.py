@@ -93,6 +93,7 @@ def test_the_composite_runs_its_proxy_in_proxy_dtype_and_keeps_the_targets_token
 
     model.save_pretrained(tmp_path / "composite")
     assert json.loads((tmp_path / "composite" / "config.json").read_text())["proxy_dtype"] == "bfloat16"
+    assert "| proxy | yes (runs in bfloat16) |" in (tmp_path / "composite" / "README.md").read_text()
     loaded = UncertaintyAwareModelForCausalLM.from_pretrained(tmp_path / "composite", target=target)
     assert loaded.proxy.dtype == torch.bfloat16
     again = loaded.generate(**inputs, **args, return_dict_in_generate=True)
