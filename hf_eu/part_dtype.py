@@ -2,15 +2,14 @@
 
 The proxy's teacher-forced pass is the cost of the estimators that read it (`eu_head_proxy`, `proxy_entropy`,
 `hf_eu`). In bfloat16 it costs about half of a float32 pass on CPUs with AVX512-BF16 (measured on the shipped
-composite: 0.54x) and on GPUs, while its entropy moves by about 0.03 nats: `eu_head_proxy`'s Spearman on the
-evaluation's answers went from 0.9042 / 0.9043 (arith / gsm, float32 proxy) to 0.9042 / 0.9036. The target keeps its own dtype, so `generate` returns its tokens
-unchanged.
+composite: 0.55x) and on GPUs, while its entropy moves by about 0.03 nats: `eu_head_proxy`'s Spearman on the
+evaluation's answers went from 0.9042 / 0.9043 (arith / gsm, float32 proxy) to 0.9042 / 0.9036. The target keeps
+its own dtype, so `generate` returns its tokens unchanged.
 
-A proxy built on the target's own layers shares the target's embedding and output matrices
+A proxy built on the target's own layers shares the target's embedding and output modules
 (`truncated_copy(..., share_embeddings=True)`); casting those in place would cast the target's too. `cast_part`
 gives the part its own cast copy of every module and parameter it shares with the target instead (tied parameters
-stay tied), and casts only parameters: float buffers such as the rotary `inv_freq` keep their precision, as transformers keeps
-them when it loads a model in half precision.
+stay tied), and casts only parameters: float buffers such as the rotary `inv_freq` keep their precision.
 """
 
 from __future__ import annotations
