@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from benchmarks.answers import answers_match, extract_answer
 from benchmarks.eval_setup import GROUND_TRUTH_SEEDS_START, TOKUR_SEEDS_START, Models, Scale
-from hf_eu.estimators import get_estimator, perturbed_ensemble_estimator
+from hf_eu.estimators import get_estimator, list_estimators, perturbed_ensemble_estimator
 from hf_eu.perturbation import LowRankGaussianPerturbation
 from hf_eu.scoring import score_tokens_many
 from trainers.calibration import Answer, _answer_batch, answer_greedily
@@ -159,8 +159,7 @@ def forget_estimators(cache: str, names: list[str]) -> dict[str, int]:
     renamed), so the next run scores and times only them again; `"timing"` drops every timing. Dropping `hf_eu`
     also drops its parts (`hf_eu_variance`, `hf_eu_bias`). Returns how many files changed per set."""
     names = set(names) | ({"hf_eu_variance", "hf_eu_bias"} if "hf_eu" in names else set())
-    unknown = names - set(_MAIN) - {"timing", "hf_eu_variance", "hf_eu_bias", "hf_eu_idd", "hf_eu_calibrated",
-                                    "gaussian_distill", "gaussian_distill_sampled", "eu_head", "eu_head_proxy"}
+    unknown = names - set(list_estimators()) - {"timing", "hf_eu_variance", "hf_eu_bias"}
     if unknown or GROUND_TRUTH in names:
         raise ValueError(f"--rescore names estimators of the evaluation, got {sorted(unknown | {GROUND_TRUTH} & names)}; "
                          "the ground truth is never dropped (start over with --fresh for that).")

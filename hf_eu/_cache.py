@@ -8,30 +8,35 @@ model's own forward signature and output, so the code passes the name the instal
 from __future__ import annotations
 
 import inspect
+from collections.abc import Mapping
 from functools import lru_cache
 from typing import Any
 
-__all__ = ["cache_argument", "output_cache", "continues_in_chunks"]
+__all__ = ["cache_argument", "forward_parameter", "output_cache", "continues_in_chunks"]
 
 
 @lru_cache(maxsize=256)
-def _argument_for(forward) -> str:
+def _parameters(forward) -> Mapping[str, inspect.Parameter] | None:
     try:
-        parameters = inspect.signature(forward).parameters
+        return inspect.signature(forward).parameters
     except (TypeError, ValueError):
-        return "past_key_values"
-    return "cache" if "cache" in parameters else "past_key_values"
+        return None
 
 
-def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
-    """`{name: cache}` with the forward argument name `model` expects (`cache` from transformers 5.24 on).
+def forward_parameter(model: Any, name: str) -> inspect.Parameter | None:
+    """The parameter `name` of the forward `model` runs, or None when it has none (or no readable signature).
 
     A peft model forwards its keyword arguments to the model it wraps, so that model's signature decides."""
     base = getattr(model, "get_base_model", None)
     model = base() if callable(base) else model
     forward = getattr(type(model), "forward", None)
-    name = _argument_for(forward) if forward is not None else "past_key_values"
-    return {name: cache}
+    parameters = _parameters(forward) if forward is not None else None
+    return parameters.get(name) if parameters else None
+
+
+def cache_argument(model: Any, cache: Any) -> dict[str, Any]:
+    """`{name: cache}` with the forward argument name `model` expects (`cache` from transformers 5.24 on)."""
+    return {"cache" if forward_parameter(model, "cache") is not None else "past_key_values": cache}
 
 
 def output_cache(output: Any) -> Any:

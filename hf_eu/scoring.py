@@ -23,7 +23,6 @@ This module does not decode: transformers' `generate` does that; this runs after
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from types import SimpleNamespace
@@ -32,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._cache import cache_argument, continues_in_chunks, output_cache
+from ._cache import cache_argument, continues_in_chunks, forward_parameter, output_cache
 from ._validation import check_chunk_size, check_finite_scores, check_token_inputs, warn_beyond_context
 from .estimators import Estimator
 from .eu_features import TargetFeatureRecorder, teacher_forced_features
@@ -144,8 +143,7 @@ class _ChunkedForward:
 def _no_logits(model: nn.Module, device: torch.device) -> int | torch.Tensor:
     """`logits_to_keep` selecting no position where `model.forward` takes an index tensor for it, else 1 (a PEFT
     model passes it on to its base model, whose signature decides)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    parameter = inspect.signature(base.forward).parameters.get("logits_to_keep")
+    parameter = forward_parameter(model, "logits_to_keep")
     annotation = str(parameter.annotation) if parameter is not None else ""
     return torch.zeros(0, dtype=torch.long, device=device) if "Tensor" in annotation else 1
 
