@@ -54,6 +54,9 @@ class EUHeadScriptArguments:
     seed_split: int = field(default=0, metadata={"help": "Seed of the holdout split."})
     allow_partial: bool = field(default=False, metadata={"help": "Train on the finished batches of an unfinished "
                                                                    "data folder (recorded in the head's info)."})
+    ground_truth_copies: int = field(default=16, metadata={
+        "help": "Put every folder's labels on the scale of the MI of this many perturbed copies (the evaluation's "
+                "ground truth: 16), so folders made with other `num_perturbed` can train together."})
     proxy_from: str | None = field(default=None, metadata={
         "help": "Composite whose OSD proxy's entropy is an extra input: trains the `proxy_head` of `eu_head_proxy`."})
 
@@ -86,7 +89,8 @@ def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig, proxy=Non
     inputs end with the proxy's entropy (`PROXY_ENTROPY`), for `EUHead.set_proxy_head` and `eu_head_proxy`.
     """
     target = load_target(script.target)
-    parts = [load_data(folder, allow_partial=script.allow_partial) for folder in script.data_dir]
+    parts = [load_data(folder, allow_partial=script.allow_partial, ground_truth_copies=script.ground_truth_copies)
+             for folder in script.data_dir]
     names = feature_names(target)
     if script.proxy_from and proxy is None:
         proxy = _composite(script.proxy_from, target).proxy
@@ -105,6 +109,7 @@ def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig, proxy=Non
     if len({s["target_fingerprint"] for s in settings}) > 1:
         raise ValueError(f"The folders {script.data_dir} were made with different targets; train on one target's data.")
     info = {"data": script.data_dir, "tokens": int(len(train_rows["ground_truth"])),
+            "ground_truth_copies": script.ground_truth_copies,
             "answers": int(len(np.unique(train_rows["answer_index"]))), "data_settings": settings,
             "loss": {"log_loss_weight": config.log_loss_weight, "raw_loss_weight": config.raw_loss_weight,
                      "eu_floor": config.eu_floor},
