@@ -10,7 +10,7 @@ from hf_eu import aggregate_uncertainty, load_default
 # The shipped composite's EU of its greedy answer "2 + 3 = 5<|im_end|>" to "What is 2 + 3?" (eu_head, the default;
 # eu_head_proxy, its proxy head; hf_eu, the drafts' estimate): a silent fallback to untrained drafts, a missing proxy or another head changes them.
 # Recompute after retraining the defaults (python -m trainers.train_defaults / trainers.run_eu_head).
-SHIPPED_EU_HEAD = [0.1942, 0.0635, 0.0050, 0.0059, 0.1471, 0.0581, 0.1462, 0.1783]
+SHIPPED_EU_HEAD = [0.1772, 0.0802, 0.0034, 0.0063, 0.1228, 0.0637, 0.0940, 0.1949]  # head trained on two label sets
 SHIPPED_EU_HEAD_PROXY = [0.1725, 0.0423, 0.0053, 0.0063, 0.1532, 0.0471, 0.0360, 0.1704]  # its proxy head
 SHIPPED_HF_EU = [5.9226, 5.0819, 1.6191, 5.1628, 4.9080, 0.1772, 4.8845, 4.8665]  # proxy in bfloat16 (float32: 4.5272 at 6)
 

@@ -25,7 +25,7 @@ _EXPORTS = {  # name -> module: imported on first use, so `python -m trainers.X`
     "EUHeadConfig": "eu_head_config",
     "EUHeadDataArguments": "eu_head_data", "build_data": "eu_head_data", "build_questions": "eu_head_data",
     "load_data": "eu_head_data",
-    "proxy_entropy_column": "eu_head_data",
+    "proxy_entropy_column": "eu_head_data", "batch_seeds": "eu_head_data", "copies_scale": "eu_head_data",
     "EUHeadTrainer": "eu_head_trainer", "batch_features": "eu_head_trainer", "eu_head_dataset": "eu_head_trainer",
     "set_input_statistics": "eu_head_trainer",
     "INITS": "factor_em", "NOISE_MODELS": "factor_em", "FactorEM": "factor_em", "FactorMoments": "factor_em",
