@@ -44,7 +44,8 @@ from tqdm.auto import tqdm
 
 from hf_eu.fingerprint import model_fingerprint
 
-__all__ = ["EUHeadDataArguments", "batch_seeds", "copies_scale", "build_questions", "build_data", "load_data", "proxy_entropy_column"]
+__all__ = ["EUHeadDataArguments", "batch_seeds", "copies_scale", "build_questions", "build_data", "load_data",
+           "proxy_entropy_column"]
 
 
 @dataclass
@@ -279,8 +280,8 @@ def build_data(args: EUHeadDataArguments) -> str:
 def copies_scale(stored_copies: int, ground_truth_copies: int) -> float:
     """Factor from the mutual information of `stored_copies` perturbed copies to that of `ground_truth_copies`.
 
-    To second order in the perturbation the MI (JSD) of M members is ½·(1/M)·Σ_m (δ_m − δ̄)ᵀ F (δ_m − δ̄), with δ_m
-    a member's logit change and F = diag(p) − ppᵀ, whose expectation is ½·(1 − 1/M)·tr(F Σ): so the factor is
+    To second order in the perturbation the MI (JSD) of M members is ½·(1/M)·Σ_m (δ_m − δ̄)ᵀ F (δ_m − δ̄), with
+    δ_m a member's logit change and F = diag(p) − ppᵀ; its expectation is ½·(1 − 1/M)·tr(F Σ), so the factor is
     (1 − 1/ground_truth_copies) / (1 − 1/stored_copies).
     """
     if min(stored_copies, ground_truth_copies) < 2:

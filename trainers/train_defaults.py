@@ -107,8 +107,8 @@ class DefaultsArguments:
     eu_head_second_labels: int = field(default=4, metadata={
         "help": "Label the head's answers a second time with this many perturbed copies, drawn afresh for every batch "
                 "(folder k: seeds 20000 + 10000·k + batch·copies …; folders `<folder>-varied<copies>` reuse the "
-                "answers and features), and train on both label sets; 0: one set. Measured: Spearman 0.890 / 0.882 (arith / gsm) with the "
-                "first labels only, 0.906 / 0.885 with both."})
+                "answers and features), and train on both label sets; 0: one set. Measured: Spearman 0.890 / 0.882 "
+                "(arith / gsm) with the first labels only, 0.906 / 0.885 with both."})
     eu_head_epochs: float = field(default=15, metadata={"help": "Epochs of the EU head's training (15 over both "
                                                                 "label sets: the steps of 30 over one)."})
     eu_head_max_new_tokens: int = field(default=128, metadata={"help": "Longest answer of the head's data."})
@@ -215,8 +215,8 @@ def _eu_head_data_args(args: DefaultsArguments, data_dir: str) -> list:
 
     exclude = [path for path in args.eu_head_exclude if os.path.isfile(path)]
     common = dict(exclude_questions=exclude, batch_size=args.batch_size, num_perturbed=args.eu_head_num_perturbed,
-                  max_new_tokens=args.eu_head_max_new_tokens, rank=args.perturbation_rank, sigma=args.perturbation_sigma,
-                  seeds_per_batch=args.eu_head_seeds_per_batch)
+                  max_new_tokens=args.eu_head_max_new_tokens, rank=args.perturbation_rank,
+                  sigma=args.perturbation_sigma, seeds_per_batch=args.eu_head_seeds_per_batch)
 
     def first_seed(number: int) -> int:  # folder `number`'s perturbations: its own range when seeds vary per batch
         return 20000 + 10000 * number if args.eu_head_seeds_per_batch else 20000
