@@ -144,3 +144,14 @@ def test_a_second_label_set_reuses_the_answers_and_features_and_nothing_else(tmp
         _reuse_answers(other)
     with pytest.raises(ValueError, match="no settings.json"):
         _reuse_answers(EUHeadDataArguments(output_dir=str(tmp_path / "other"), answers_from=str(tmp_path / "none")))
+
+
+def test_the_proxy_heads_command_reads_the_proxy_in_the_dtype_asked(eu_model, target, tmp_path):
+    from trainers.run_eu_head import _composite
+
+    eu_model.save_pretrained(tmp_path / "composite")
+    stored = _composite(str(tmp_path / "composite"), target).proxy
+    cast = _composite(str(tmp_path / "composite"), target, proxy_dtype="bfloat16").proxy
+    assert {p.dtype for p in stored.parameters()} == {torch.float32}
+    assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in target.parameters()} == {torch.float32}  # the target is never cast

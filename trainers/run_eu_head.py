@@ -59,6 +59,9 @@ class EUHeadScriptArguments:
                 "ground truth: 16), so folders made with other `num_perturbed` can train together."})
     proxy_from: str | None = field(default=None, metadata={
         "help": "Composite whose OSD proxy's entropy is an extra input: trains the `proxy_head` of `eu_head_proxy`."})
+    proxy_dtype: str | None = field(default=None, metadata={
+        "help": "Dtype of `proxy_from`'s proxy for the entropies ('float32', 'bfloat16', 'float16'; default: the "
+                "composite's `proxy_dtype`). The shipped proxy head read the float32 proxy."})
 
 
 def _split(data: dict[str, np.ndarray], fraction: float, seed: int):
@@ -93,7 +96,7 @@ def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig, proxy=Non
              for folder in script.data_dir]
     names = feature_names(target)
     if script.proxy_from and proxy is None:
-        proxy = _composite(script.proxy_from, target).proxy
+        proxy = _composite(script.proxy_from, target, proxy_dtype=script.proxy_dtype).proxy
         if proxy is None:
             raise ValueError(f"The composite {script.proxy_from!r} has no proxy; `--proxy_from` needs one.")
     if proxy is not None:
@@ -130,10 +133,11 @@ def train_eu_head(script: EUHeadScriptArguments, config: EUHeadConfig, proxy=Non
     return head
 
 
-def _composite(folder: str, target):
+def _composite(folder: str, target, proxy_dtype: str | None = None):
     from hf_eu import UncertaintyAwareModelForCausalLM
 
-    return UncertaintyAwareModelForCausalLM.from_pretrained(folder, target=target)
+    extra = {"proxy_dtype": proxy_dtype} if proxy_dtype is not None else {}
+    return UncertaintyAwareModelForCausalLM.from_pretrained(folder, target=target, **extra)
 
 
 def _add_to_composite(head: EUHead, composite: str, output_dir: str, target_name: str = "embedded") -> None:
