@@ -155,3 +155,6 @@ def test_the_proxy_heads_command_reads_the_proxy_in_the_dtype_asked(eu_model, ta
     assert {p.dtype for p in stored.parameters()} == {torch.float32}
     assert {p.dtype for p in cast.parameters()} == {torch.bfloat16}
     assert {p.dtype for p in target.parameters()} == {torch.float32}  # the target is never cast
+    for (name, original), kept, halved in zip(eu_model.proxy.named_parameters(), stored.parameters(), cast.parameters()):
+        assert torch.equal(kept, original), name  # the saved proxy, unchanged
+        assert torch.equal(halved, original.to(torch.bfloat16)), name  # and exactly its bfloat16 rounding

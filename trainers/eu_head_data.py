@@ -139,12 +139,17 @@ _PERTURBATION_KEYS = ("num_perturbed", "perturbation_seed_start", "seeds_per_bat
 _ADDED_LATER = {"seeds_per_batch": False}  # settings added after data was made with them at these values
 
 
+def _stored_settings(path: str) -> dict:
+    """A folder's `settings.json`; a setting added after the folder was made reads as the default it was made with."""
+    return {**_ADDED_LATER, **json.load(open(path))}
+
+
 def _check_settings(args: EUHeadDataArguments, fingerprint: str) -> None:
     settings = {k: v for k, v in asdict(args).items() if k not in _NOT_RECORDED}
     settings["target_fingerprint"] = fingerprint
     path = os.path.join(args.output_dir, "settings.json")
     if os.path.isfile(path):
-        stored = {**_ADDED_LATER, **json.load(open(path))}  # data made before a setting existed used its default
+        stored = _stored_settings(path)
         if stored != settings:
             changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
             raise ValueError(f"{args.output_dir} holds data made with other settings ({changed}); pass another "
@@ -164,7 +169,7 @@ def _reuse_answers(args: EUHeadDataArguments) -> None:
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(source, "answers.json")):
         raise ValueError(f"`answers_from` must be a folder written by trainers.eu_head_data with its answers; "
                          f"{source!r} has no settings.json or answers.json.")
-    theirs = {**_ADDED_LATER, **json.load(open(path))}
+    theirs = _stored_settings(path)
     ours = json.load(open(os.path.join(args.output_dir, "settings.json")))
     differ = sorted(k for k in set(theirs) | set(ours) if k not in _PERTURBATION_KEYS and theirs.get(k) != ours.get(k))
     if differ:

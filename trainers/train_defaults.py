@@ -218,8 +218,11 @@ def _eu_head_data_args(args: DefaultsArguments, data_dir: str) -> list:
                   max_new_tokens=args.eu_head_max_new_tokens, rank=args.perturbation_rank,
                   sigma=args.perturbation_sigma, seeds_per_batch=args.eu_head_seeds_per_batch)
 
-    def first_seed(number: int) -> int:  # folder `number`'s perturbations: its own range when seeds vary per batch
-        return 20000 + 10000 * number if args.eu_head_seeds_per_batch else 20000
+    def own_range(number: int) -> int:  # folder `number`'s first seed where seeds vary per batch
+        return 20000 + 10000 * number
+
+    def first_seed(number: int) -> int:  # one fixed set (20000 …) unless the first labels vary per batch
+        return own_range(number) if args.eu_head_seeds_per_batch else 20000
 
     data_args = [EUHeadDataArguments(output_dir=data_dir, questions_per_task=args.eu_head_questions,
                                      perturbation_seed_start=first_seed(1), **common)]
@@ -231,7 +234,7 @@ def _eu_head_data_args(args: DefaultsArguments, data_dir: str) -> list:
                                              **dict(common, exclude_questions=exclude + earlier)))
     copies = args.eu_head_second_labels
     second = [replace(a, output_dir=f"{a.output_dir}-varied{copies}", num_perturbed=copies, seeds_per_batch=True,
-                      perturbation_seed_start=20000 + 10000 * number, answers_from=a.output_dir)
+                      perturbation_seed_start=own_range(number), answers_from=a.output_dir)
               for number, a in enumerate(data_args, start=1)] if copies else []
     return data_args + second
 

@@ -17,6 +17,7 @@ full = LowRankGaussianPerturbation(target, rank=8, sigma=0.1)
 def layer_of(n): return int(n.split("layers.")[1].split(".")[0])
 rows = json.load(open(f".bench-cache/small/{name}/answers.json"))
 out = {L: [] for L in starts}
+deltas = [full.deltas(30000 + m) for m in range(M)]  # each seed's updates, drawn once
 with torch.no_grad():
     for i, r in enumerate(rows):
         if not r["answer_ids"]: continue
@@ -24,9 +25,8 @@ with torch.no_grad():
         for L in starts:
             lps = []
             for m in range(M):
-                deltas = full.deltas(30000 + m)
                 orig = {}
-                for n, d in deltas.items():
+                for n, d in deltas[m].items():
                     if layer_of(n) >= L:
                         w = full.layers[n].weight; orig[n] = w.clone(); w.add_(d)
                 lps.append(torch.log_softmax(target(input_ids=ids).logits[0, len(P) - 1:-1].float(), -1))
